@@ -19,7 +19,10 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture()
 def layered(tmp_path: Path) -> Path:
-    write(tmp_path / "base" / "a.yml", "epochs: 1\noutput_dir: from_a\noptimizer: {lr: 0.1, betas: [0.9, 0.999]}\n")
+    write(
+        tmp_path / "base" / "a.yml",
+        "epochs: 1\noutput_dir: from_a\noptimizer: {lr: 0.1, betas: [0.9, 0.999]}\n",
+    )
     write(tmp_path / "base" / "b.yml", "epochs: 2\noptimizer: {weight_decay: 0.01, betas: [0.5]}\n")
     return write(
         tmp_path / "exp.yml",
@@ -47,7 +50,9 @@ def test_sources_name_the_file_that_set_each_key(layered: Path) -> None:
 
 
 def test_overrides_are_parsed_as_yaml_and_applied_last(layered: Path) -> None:
-    cfg = load_config(layered, ["epochs=7", "optimizer.betas=[0.1, 0.2]", "new_block.flag=true"], validate=False)
+    cfg = load_config(
+        layered, ["epochs=7", "optimizer.betas=[0.1, 0.2]", "new_block.flag=true"], validate=False
+    )
     assert cfg["epochs"] == 7
     assert cfg["optimizer"]["betas"] == [0.1, 0.2]
     assert cfg["optimizer"]["lr"] == 0.2
@@ -72,7 +77,9 @@ def test_overrides_use_safe_yaml_so_tags_cannot_run_code(layered: Path) -> None:
 
 def test_missing_include_names_the_including_file(tmp_path: Path) -> None:
     exp = write(tmp_path / "exp.yml", "__include__: [nothere.yml]\n")
-    with pytest.raises(ConfigError, match=r"config file not found: .*nothere\.yml \(included from .*exp\.yml\)"):
+    with pytest.raises(
+        ConfigError, match=r"config file not found: .*nothere\.yml \(included from .*exp\.yml\)"
+    ):
         load_config(exp)
 
 
@@ -85,7 +92,9 @@ def test_circular_include_is_reported(tmp_path: Path) -> None:
 
 def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
     exp = write(tmp_path / "exp.yml", "epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"exp\.yml: epoch is not a known setting\. Did you mean 'epochs'\?"):
+    with pytest.raises(
+        ConfigError, match=r"exp\.yml: epoch is not a known setting\. Did you mean 'epochs'\?"
+    ):
         load_config(exp)
 
 
@@ -103,12 +112,16 @@ def test_bool_is_not_accepted_where_a_number_is_expected(tmp_path: Path) -> None
 
 def test_unknown_model_type_lists_registered_names(tmp_path: Path) -> None:
     exp = write(tmp_path / "exp.yml", "model: {type: DFNE}\n")
-    with pytest.raises(ConfigError, match=r"exp\.yml: model: unknown model type 'DFNE'\. Did you mean 'DFINE'\?"):
+    with pytest.raises(
+        ConfigError, match=r"exp\.yml: model: unknown model type 'DFNE'\. Did you mean 'DFINE'\?"
+    ):
         load_config(exp)
 
 
 def test_unknown_argument_names_file_key_path_and_suggestion(tmp_path: Path) -> None:
-    base = write(tmp_path / "inc" / "model.yml", "model:\n  type: DFINE\n  decoder: {type: DFINETransformer}\n")
+    base = write(
+        tmp_path / "inc" / "model.yml", "model:\n  type: DFINE\n  decoder: {type: DFINETransformer}\n"
+    )
     exp = write(tmp_path / "exp.yml", f"__include__: [{base}]\nmodel:\n  decoder:\n    num_querys: 10\n")
     with pytest.raises(ConfigError) as error:
         load_config(exp)

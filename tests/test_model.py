@@ -74,8 +74,20 @@ def test_training_output_has_everything_the_criterion_needs() -> None:
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
     ]
     out = model(random_images(2, 64, 96), targets)
-    for key in ("pred_logits", "pred_boxes", "pred_corners", "ref_points", "up", "reg_scale", "aux_outputs",
-                "enc_aux_outputs", "pre_outputs", "dn_outputs", "dn_pre_outputs", "dn_meta"):
+    for key in (
+        "pred_logits",
+        "pred_boxes",
+        "pred_corners",
+        "ref_points",
+        "up",
+        "reg_scale",
+        "aux_outputs",
+        "enc_aux_outputs",
+        "pre_outputs",
+        "dn_outputs",
+        "dn_pre_outputs",
+        "dn_meta",
+    ):
         assert key in out, key
     assert len(out["aux_outputs"]) == 1  # num_layers - 1
     assert out["pred_corners"].shape == (2, 20, 4 * 33)

@@ -52,7 +52,9 @@ def test_eval_and_train_outputs_equal_the_original_n_on_recorded_weights() -> No
     with torch.no_grad():
         eval_out = model(images)
         model.train()
-        train_out = model(images, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])
+        train_out = model(
+            images, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+        )
     for key, expected in fixture["eval"].items():
         torch.testing.assert_close(eval_out[key], expected, atol=1e-4, rtol=0, msg=f"eval {key}")
     for key, expected in fixture["train"].items():

@@ -39,7 +39,9 @@ def build_original(orig_dir: Path, size: str, num_denoising: int) -> torch.nn.Mo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="n", choices=["n", "s", "m", "l", "x"])
     parser.add_argument("--orig", default=os.environ.get("DFINE_ORIG_DIR", "../orig"))
     parser.add_argument("--out", default=None)
@@ -57,7 +59,9 @@ def main() -> None:
     with torch.no_grad():
         eval_out = model(images)
         model.train()
-        train_out = model(images, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])
+        train_out = model(
+            images, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+        )
     state = model.state_dict()
     fixture = {
         "size": args.size,
@@ -67,9 +71,14 @@ def main() -> None:
         "shapes": [list(v.shape) for v in state.values()],
         "checksum": state_dict_checksum(weights),
         "eval": {k: eval_out[k].detach().clone() for k in ("pred_logits", "pred_boxes")},
-        "train": {k: train_out[k].detach().clone() for k in ("pred_logits", "pred_boxes", "pred_corners", "ref_points")},
+        "train": {
+            k: train_out[k].detach().clone()
+            for k in ("pred_logits", "pred_boxes", "pred_corners", "ref_points")
+        },
     }
-    out = Path(args.out or Path(__file__).resolve().parents[1] / f"tests/fixtures/model_parity_{args.size}.pt")
+    out = Path(
+        args.out or Path(__file__).resolve().parents[1] / f"tests/fixtures/model_parity_{args.size}.pt"
+    )
     torch.save(fixture, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 

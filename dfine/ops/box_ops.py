@@ -20,9 +20,13 @@ __all__ = [
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` cxcywh -> ``[..., 4]`` xyxy (same units)."""
+    """``[..., 4]`` cxcywh -> ``[..., 4]`` xyxy (same units).
+
+    Negative widths and heights count as zero (as in the original D-FINE), so an inverted FDR prediction
+    becomes a point box instead of an xyxy box with x1 < x0, which would break IoU and GIoU.
+    """
     cx, cy, w, h = boxes.unbind(-1)
-    half_w, half_h = 0.5 * w, 0.5 * h
+    half_w, half_h = 0.5 * w.clamp(min=0.0), 0.5 * h.clamp(min=0.0)
     return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
 
 

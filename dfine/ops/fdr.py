@@ -1,9 +1,9 @@
 """Fine-grained Distribution Refinement maths: the weighting function W(n), edge distances <-> boxes.
 
-D-FINE predicts, for each of a box's four edges, a distribution over ``R = reg_max + 1`` bins. Bin ``n`` stands
-for the offset ``W(n)``; the expected offset (the integral) moves the edge away from the reference box's edge, in
-units of the reference width (or height) divided by ``reg_scale``. All functions here run in float32: the
-caller upcasts, because fp16 rounding of these offsets is what produces inverted boxes under AMP.
+D-FINE predicts, for each of a box's four edges, a distribution over ``R = reg_max + 1`` bins. Bin ``n``
+stands for the offset ``W(n)``; the expected offset (the integral) moves the edge away from the reference
+box's edge, in units of the reference width (or height) divided by ``reg_scale``. All functions here run in
+float32: the caller upcasts, because fp16 rounding of these offsets is what produces inverted boxes under AMP.
 """
 
 from __future__ import annotations
@@ -62,8 +62,14 @@ def distribution_integral(corner_logits: Tensor, project: Tensor) -> Tensor:
         [..., 4] expected offsets, in reference-size / reg_scale units.
     """
     shape = corner_logits.shape[:-1]
-    probs = F.softmax(corner_logits.reshape(*shape, 4, -1), dim=-1)  # [..., 4, R]
+    num_bins = corner_logits.shape[-1] // 4  # explicit, so that empty inputs reshape too
+    probs = F.softmax(corner_logits.reshape(*shape, 4, num_bins), dim=-1)  # [..., 4, R]
     return (probs @ project.to(probs.dtype)).reshape(*shape, 4)
+
+
+def _scalar(reg_scale: Tensor | float, like: Tensor) -> Tensor:
+    """``|reg_scale|`` as a 0-d tensor, so a [1] tensor does not add a dimension to unbatched [4] inputs."""
+    return torch.as_tensor(reg_scale, dtype=like.dtype, device=like.device).abs().reshape(())
 
 
 def distance_to_box(ref: Tensor, distance: Tensor, reg_scale: Tensor | float) -> Tensor:
@@ -78,7 +84,7 @@ def distance_to_box(ref: Tensor, distance: Tensor, reg_scale: Tensor | float) ->
     Returns:
         [..., 4] boxes, cxcywh in 0..1.
     """
-    scale = torch.as_tensor(reg_scale, dtype=ref.dtype, device=ref.device).abs()
+    scale = _scalar(reg_scale, ref)
     half = 0.5 * scale
     unit_w, unit_h = ref[..., 2] / scale, ref[..., 3] / scale
     x0 = ref[..., 0] - (half + distance[..., 0]) * unit_w
@@ -98,8 +104,8 @@ def distance_to_bins(
         reg_max, up, reg_scale: as in :func:`weighting_function`.
 
     Returns:
-        ``(left_index, weight_right, weight_left)``, each [numel] float: the left bin's index (fractional only at
-        the upper clamp, ``reg_max - 0.1``), and linear-interpolation weights of the right and left bins.
+        ``(left_index, weight_right, weight_left)``, each [numel] float: the left bin's index (fractional only
+        at the upper clamp, ``reg_max - 0.1``), and linear-interpolation weights of the right and left bins.
         Offsets below W(0) put all weight on bin 0; above W(reg_max), all on the last bin.
     """
     values = weighting_function(reg_max, up, reg_scale)  # [R]
@@ -124,7 +130,7 @@ def distance_to_bins(
 def box_to_distance(
     ref: Tensor, boxes_xyxy: Tensor, reg_max: int, up: Tensor, reg_scale: Tensor | float, eps: float = 0.1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Target edge offsets of ``boxes_xyxy`` relative to ``ref``, expressed as bin positions (inverse of decode).
+    """Target edge offsets of ``boxes_xyxy`` relative to ``ref``, as bin positions (inverse of decoding).
 
     Args:
         ref: [N, 4] reference boxes, cxcywh.
@@ -135,7 +141,7 @@ def box_to_distance(
     Returns:
         ``(bin_position, weight_right, weight_left)``, each [N * 4], detached.
     """
-    scale = torch.as_tensor(reg_scale, dtype=ref.dtype, device=ref.device).abs()
+    scale = _scalar(reg_scale, ref)
     unit_w = ref[:, 2] / scale + 1e-16
     unit_h = ref[:, 3] / scale + 1e-16
     half = 0.5 * scale

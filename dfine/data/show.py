@@ -1,0 +1,75 @@
+"""Pictures of what the model is fed: augmented training batches with their boxes and class names drawn."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+__all__ = ["draw_batch", "save_batch_pictures"]
+
+logger = logging.getLogger(__name__)
+
+_PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+
+
+def draw_batch(
+    images: Tensor, targets: Sequence[dict[str, Any]], names: Sequence[str] | None = None
+) -> Tensor:
+    """One grid picture of a batch.
+
+    Args:
+        images: float32 [B, 3, H, W] in 0..1.
+        targets: B dicts with ``boxes`` [N, 4] cxcywh normalised to 0..1 and ``labels`` [N].
+        names: class names indexed by label (the dataset's ``label_map.names``); None writes label numbers.
+
+    Returns:
+        uint8 [3, H', W'] grid, boxes and names drawn.
+    """
+    pictures = []
+    for image, target in zip(images, targets, strict=True):
+        height, width = image.shape[-2:]
+        boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
+        cx, cy, w, h = boxes.unbind(-1)
+        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=torch.float32)
+        labels = [int(label) for label in target["labels"]]
+        text = [
+            names[label] if names is not None and 0 <= label < len(names) else str(label) for label in labels
+        ]
+        colours = [_PALETTE[label % len(_PALETTE)] for label in labels]
+        pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        pictures.append(draw_bounding_boxes(pixels, xyxy, labels=text, colors=colours, width=2))
+    return make_grid(pictures, nrow=max(1, math.ceil(math.sqrt(len(pictures)))), padding=4)
+
+
+def save_batch_pictures(loader: Iterable[Any], num_batches: int, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the first ``num_batches`` batches of ``loader`` as ``batch_000.jpg``, ... (``--show-batch N``).
+
+    Class names come from ``loader.dataset.label_map`` when the loader has one.
+
+    Returns:
+        Paths of the written pictures.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label_map = getattr(getattr(loader, "dataset", None), "label_map", None)
+    names = label_map.names if label_map is not None else None
+    written = []
+    for number, (images, targets) in enumerate(loader):
+        if number >= num_batches:
+            break
+        grid = draw_batch(images, targets, names)
+        path = out / f"batch_{number:03d}.jpg"
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, quality=92)
+        written.append(path)
+    logger.info("wrote %d batch pictures to %s", len(written), out)
+    return written

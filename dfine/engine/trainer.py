@@ -1,0 +1,506 @@
+"""The training loop: one readable ``Trainer`` that turns config, model, loss and data into checkpoints.
+
+Per step: ``autocast -> model -> criterion (fp32) -> scaler/backward -> clip -> optimizer -> EMA -> lr``.
+Per epoch: ``train -> last.pth -> evaluate -> best.pth / eval.json -> log``. The D-FINE two-stage recipe is an
+explicit phase: at ``stop_epoch`` strong augmentation and multi-scale switch off (the data pipeline does that from
+the epoch number), the best stage-1 weights are reloaded and EMA restarts with ``ema_restart_decay``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..builder import build_criterion, build_model, build_postprocessor
+from ..config import Config, dump_config
+from ..registry import ConfigError
+from . import distributed as dist_utils
+from .checkpoint_io import (
+    capture_rng_state,
+    load_checkpoint,
+    load_weights_for_finetune,
+    load_weights_strict,
+    restore_rng_state,
+    save_atomic,
+)
+from .ema import ModelEMA
+from .optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
+from .schedules import build_lr_schedule
+
+__all__ = ["NonFiniteLossError", "Trainer"]
+
+logger = logging.getLogger(__name__)
+
+# Consecutive non-finite steps tolerated before the run stops (a single bad batch is skipped).
+MAX_NON_FINITE_STEPS = 5
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced non-finite losses repeatedly; the last good checkpoint is untouched."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _move_targets(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [
+        {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell the sampler (shuffling), dataset (augmentation policy) and collate (multi-scale) the epoch."""
+    for part in (
+        getattr(loader, "sampler", None),
+        getattr(loader, "dataset", None),
+        getattr(loader, "collate_fn", None),
+    ):
+        if part is not None and hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+class Trainer:
+    """Fit a D-FINE model described by a resolved config.
+
+    Args:
+        cfg: the resolved config (:func:`dfine.load_config`).
+        resume: checkpoint to resume everything from, ``"auto"`` for ``output_dir/last.pth`` when present.
+        tune: checkpoint to take weights from (fine-tuning); optimiser, schedules and epoch start fresh.
+        class_map: for ``tune``, ``{new_label: checkpoint_label}`` rows of the class heads to keep.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        resume: str | None = None,
+        tune: str | None = None,
+        class_map: Mapping[int, int] | None = None,
+    ) -> None:
+        if resume and tune:
+            raise ConfigError(
+                "use either -r/--resume (continue a run) or -t/--tune (start from weights), not both"
+            )
+        self.context = dist_utils.init_distributed(cfg.get("device"))
+        self.device = self.context.device
+        self.output_dir = Path(cfg.get("output_dir") or "./output/run")
+        dist_utils.setup_logging(self.output_dir, self.context.rank)
+        self.seed = (
+            int(cfg["seed"]) if cfg.get("seed") is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        )
+        self.seed = dist_utils.broadcast_object(self.seed)
+        seed_everything(self.seed + self.context.rank)
+
+        self.cfg = self._scaled_config(cfg)
+        self.epochs = int(self._require("epochs"))
+        self.grad_accum_steps = int(self.cfg.get("grad_accum_steps") or 1)
+        self.clip_max_norm = float(self.cfg.get("clip_max_norm") or 0.0)
+        self.eval_interval = int(self.cfg.get("eval_interval") or 1)
+        self.checkpoint_freq = int(self.cfg.get("checkpoint_freq") or 0)
+        collate = self.cfg.get("train_dataloader", {}).get("collate_fn") or {}
+        self.stop_epoch = collate.get("stop_epoch")
+        self.ema_restart_decay = collate.get("ema_restart_decay")
+
+        self.train_loader, self.val_loader = self._build_loaders()
+        self.model = build_model(self.cfg).to(self.device)
+        self.criterion = build_criterion(self.cfg).to(self.device)
+        self.postprocessor = build_postprocessor(self.cfg).to(self.device)
+        if tune:
+            self._load_tuning_weights(tune, class_map)
+        self.frozen = self._freeze(self.cfg.get("freeze") or [])
+        self.train_model = self._wrap_for_distributed(self.model)
+
+        groups = param_groups_from_config(self.model, self.cfg["optimizer"])
+        self.optimizer = build_optimizer(self.model, self.cfg["optimizer"], groups)
+        logger.info("optimizer groups:\n%s", group_summary(groups, self.optimizer))
+        steps_per_epoch = max(1, len(self.train_loader) // self.grad_accum_steps)
+        self.lr_schedule = build_lr_schedule(
+            self.optimizer,
+            self.cfg.get("lr_scheduler"),
+            self.cfg.get("lr_warmup_scheduler"),
+            steps_per_epoch,
+            self.epochs,
+        )
+        self.ema = self._build_ema()
+        self.use_amp = bool(self.cfg.get("use_amp"))
+        self.amp_dtype = self._amp_dtype()
+        scaler_enabled = self.use_amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaler_enabled)
+
+        self.epoch = 0  # next epoch to train
+        self.global_step = 0
+        self.best_ap = -1.0
+        self.best_epoch = -1
+        self.best_stage1_ap = -1.0
+        self.stage = 1
+        self.non_finite_steps = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._resume(resume)
+        if self.context.is_main:
+            dump_config(self.cfg, self.output_dir / "config.yml")
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _require(self, key: str) -> Any:
+        if self.cfg.get(key) is None:
+            raise ConfigError(f"{self.cfg.where(key)} is missing: training needs '{key}' at the top level")
+        return self.cfg[key]
+
+    def _scaled_config(self, cfg: Config) -> Config:
+        """Apply ``reference_batch_size`` scaling (lr, warm-up, EMA) when the user's batch size differs."""
+        reference = cfg.get("reference_batch_size")
+        total = (cfg.get("train_dataloader") or {}).get("total_batch_size")
+        if not reference or not total:
+            return cfg
+        effective = int(total) * int(cfg.get("grad_accum_steps") or 1)
+        scaled, changes = scale_for_batch_size(cfg, effective, int(reference))
+        for line in changes:
+            logger.info("batch size %d vs reference %d: %s", effective, reference, line)
+        return Config(scaled, cfg.sources)
+
+    def _build_loaders(self) -> tuple[Any, Any]:
+        from ..data import build_dataloader  # data sits beside engine; imported here to keep start-up light
+
+        common = {
+            "world_size": self.context.world_size,
+            "rank": self.context.rank,
+            "seed": self.seed,
+            "num_classes": int(self._require("num_classes")),
+        }
+        train = build_dataloader(
+            self._require("train_dataloader"),
+            split="train",
+            where=self.cfg.where("train_dataloader"),
+            **common,
+        )
+        val = build_dataloader(
+            self._require("val_dataloader"), split="val", where=self.cfg.where("val_dataloader"), **common
+        )
+        return train, val
+
+    def _load_tuning_weights(self, path: str, class_map: Mapping[int, int] | None) -> None:
+        logger.info("fine-tuning from %s", path)
+        load_weights_for_finetune(self.model, load_checkpoint(path), class_map=class_map)  # logs its report
+
+    def _freeze(self, patterns: list[str]) -> list[str]:
+        """Freeze parameters whose names match any regex in ``freeze``; returns every frozen name."""
+        compiled = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as error:
+                raise ConfigError(
+                    f"{self.cfg.where('freeze')}: '{pattern}' is not a valid regex: {error}"
+                ) from error
+        for name, parameter in self.model.named_parameters():
+            if any(p.search(name) for p in compiled):
+                parameter.requires_grad_(False)
+        for pattern in compiled:
+            if not any(pattern.search(name) for name, _ in self.model.named_parameters()):
+                logger.warning("freeze: '%s' matches no parameter", pattern.pattern)
+        frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad]
+        if frozen:
+            logger.info(
+                "%d frozen parameters: %s",
+                len(frozen),
+                ", ".join(frozen[:20]) + (" ..." if len(frozen) > 20 else ""),
+            )
+        return frozen
+
+    def _wrap_for_distributed(self, model: nn.Module) -> nn.Module:
+        if self.context.world_size == 1:
+            return model
+        if self.cfg.get("sync_bn", True) and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=bool(self.cfg.get("find_unused_parameters"))
+        )
+
+    def _build_ema(self) -> ModelEMA | None:
+        if not self.cfg.get("use_ema"):
+            return None
+        block = {k: v for k, v in (self.cfg.get("ema") or {}).items() if k != "type"}
+        return ModelEMA(self.model, **block)
+
+    def _amp_dtype(self) -> torch.dtype:
+        name = str(self.cfg.get("amp_dtype") or "float16")
+        if name not in ("float16", "bfloat16"):
+            raise ConfigError(f"{self.cfg.where('amp_dtype')} must be float16 or bfloat16, got '{name}'")
+        if self.device.type == "cpu" and name == "float16" and self.use_amp:
+            logger.info("use_amp on CPU runs bfloat16 autocast (float16 autocast is CUDA-only)")
+            return torch.bfloat16
+        return getattr(torch, name)
+
+    def describe_schedule(self) -> str:
+        """The resolved schedule, printed once at start-up."""
+        steps = self.lr_schedule.describe()
+        batch = (self.cfg.get("train_dataloader") or {}).get("total_batch_size")
+        ema = f"decay {self.ema.decay} (warm-up {self.ema.warmups} steps)" if self.ema else "off"
+        parts = [
+            f"epochs {self.epochs}",
+            f"steps/epoch {self.lr_schedule.steps_per_epoch}",
+            f"schedule {steps}",
+            f"stop_epoch {self.stop_epoch}",
+            f"EMA {ema}",
+            f"effective batch {batch} x {self.grad_accum_steps} accumulation",
+            f"AMP {self.amp_dtype if self.use_amp else 'off'}",
+            f"device {self.device} x {self.context.world_size}",
+        ]
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train from ``self.epoch`` to ``epochs``; returns the best metrics seen."""
+        logger.info("schedule: %s", self.describe_schedule())
+        last_metrics: dict[str, Any] = {}
+        while self.epoch < self.epochs:
+            epoch = self.epoch
+            if self.stop_epoch is not None and epoch >= self.stop_epoch and self.stage == 1:
+                self._enter_stage_two()
+            seed_everything(self.seed + 1000 * epoch + self.context.rank)  # epochs replay exactly on resume
+            _set_epoch(self.train_loader, epoch)
+            start = time.time()
+            train_stats = self.train_one_epoch(epoch)
+            self.epoch = epoch + 1
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "stage": self.stage,
+                "time": time.time() - start,
+                **train_stats,
+            }
+            if self._should_evaluate(epoch):
+                last_metrics = self.evaluate()
+                record.update({f"val_{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))})
+                self._track_best(epoch, last_metrics)
+            self.history.append(record)
+            self._save_epoch_checkpoints(epoch)
+            logger.info("epoch %d: %s", epoch, _format_record(record))
+        return {"best_ap": self.best_ap, "best_epoch": self.best_epoch, **last_metrics}
+
+    def _should_evaluate(self, epoch: int) -> bool:
+        return (epoch + 1) % self.eval_interval == 0 or epoch + 1 == self.epochs
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training data; returns the epoch's mean loss terms and lr."""
+        self.train_model.train()
+        self.criterion.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for index, (images, targets) in enumerate(self.train_loader):
+            images = images.to(self.device, non_blocking=True)
+            targets = _move_targets(targets, self.device)
+            last_micro_step = (index + 1) % self.grad_accum_steps == 0
+            losses = self.train_step(images, targets, index, sync=last_micro_step)
+            if losses is None:
+                continue
+            if last_micro_step:
+                self.optimizer_step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value
+            count += 1
+        self.lr_schedule.epoch_step()
+        stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def train_step(
+        self, images: Tensor, targets: list[dict[str, Any]], index: int, sync: bool = True
+    ) -> dict[str, float] | None:
+        """Forward, loss and backward for one (micro-)batch; gradients accumulate until :meth:`optimizer_step`.
+
+        Returns:
+            The loss terms averaged over ranks, or ``None`` when the step was skipped for a non-finite loss.
+        """
+        no_sync = getattr(self.train_model, "no_sync", None)
+        context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        meta = {"epoch": self.epoch, "step": index, "global_step": self.global_step}
+        with context:
+            with self._autocast():
+                outputs = self.train_model(images, targets)
+            losses = self.criterion(outputs, targets, **meta)  # fp32: the criterion upcasts
+            loss = sum(losses.values())
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            if self._any_rank(bool(bad)):
+                self._skip_non_finite(bad, losses)
+                return None
+            self.non_finite_steps = 0
+            self.scaler.scale(loss / self.grad_accum_steps).backward()
+        return dist_utils.reduce_dict_for_logging({k: v.detach() for k, v in losses.items()})
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.context.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(dist_utils.all_reduce_sum(value).item() > 0)
+
+    def _skip_non_finite(self, bad: list[str], losses: Mapping[str, Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.non_finite_steps += 1
+        terms = ", ".join(f"{k}={losses[k].item()}" for k in bad) or "(on another rank)"
+        logger.warning(
+            "non-finite loss at epoch %d step %d, step skipped: %s", self.epoch, self.global_step, terms
+        )
+        if self.non_finite_steps >= MAX_NON_FINITE_STEPS:
+            raise NonFiniteLossError(
+                f"{self.non_finite_steps} consecutive steps had non-finite losses ({terms}) at epoch {self.epoch}; "
+                f"stopping. {self.output_dir / 'last.pth'} holds the last good state. Try a lower lr, "
+                "clip_max_norm, or use_amp=false, and check the data (dfine-train --check-data)."
+            )
+
+    def optimizer_step(self) -> None:
+        """Clip, step, EMA update and lr update after the gradients of one (accumulated) batch."""
+        if self.clip_max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.lr_schedule.step()
+        self.global_step += 1
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved as the result: EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def evaluate(self) -> dict[str, Any]:
+        """COCO metrics of :attr:`eval_model` on the validation set (written to ``output_dir/eval.json``)."""
+        from .evaluation import evaluate
+
+        metrics = evaluate(self.eval_model, self.postprocessor, self.val_loader, self.device)
+        if self.context.is_main:
+            (self.output_dir / "eval.json").write_text(
+                json.dumps({"epoch": self.epoch - 1, **metrics}, indent=2)
+            )
+        return metrics
+
+    def _track_best(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        ap = float(metrics.get("AP", -1.0))
+        if self.stage == 1 and ap > self.best_stage1_ap:
+            self.best_stage1_ap = ap
+            self._save("best_stage1.pth")
+        if ap > self.best_ap:
+            self.best_ap, self.best_epoch = ap, epoch
+            self._save("best.pth")
+            logger.info("new best AP %.4f at epoch %d", ap, epoch)
+
+    # ------------------------------------------------------------------------------------------ stage two
+
+    def _enter_stage_two(self) -> None:
+        """Reload the best stage-1 weights (model and EMA) and restart EMA: D-FINE's second training phase."""
+        dist_utils.barrier()  # rank 0 may still be writing best_stage1.pth
+        path = self.output_dir / "best_stage1.pth"
+        if path.is_file():
+            checkpoint = load_checkpoint(path, map_location=self.device)
+            self.model.load_state_dict(checkpoint["model"])
+            if self.ema is not None and "ema" in checkpoint:
+                self.ema.load_state_dict(checkpoint["ema"])
+            logger.info("stage 2 from epoch %d: reloaded %s (AP %.4f)", self.epoch, path, self.best_stage1_ap)
+        else:
+            logger.warning(
+                "stage 2 from epoch %d: no %s (never evaluated in stage 1); keeping the current weights",
+                self.epoch,
+                path,
+            )
+        if self.ema is not None:
+            self.ema.restart(self.ema_restart_decay)
+        self.stage = 2
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly; ``model`` / ``ema.module`` use the original key names."""
+        label_map = getattr(getattr(self.train_loader, "dataset", None), "label_map", None)
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "last_epoch": self.epoch - 1,
+            "global_step": self.global_step,
+            "stage": self.stage,
+            "best": {"ap": self.best_ap, "epoch": self.best_epoch, "stage1_ap": self.best_stage1_ap},
+            "seed": self.seed,
+            "rng": capture_rng_state(),
+            "history": self.history,
+            "label_map": label_map.to_entries() if label_map is not None else None,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _save(self, name: str) -> None:
+        if self.context.is_main:
+            save_atomic(self.state_dict(), self.output_dir / name)
+
+    def _save_epoch_checkpoints(self, epoch: int) -> None:
+        self._save("last.pth")
+        if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
+            self._save(f"checkpoint{epoch:04}.pth")
+
+    def _resume(self, resume: str) -> None:
+        path = self.output_dir / "last.pth" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            logger.info("-r auto: no %s yet, starting a fresh run", path)
+            return
+        checkpoint = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+            raise ConfigError(
+                f"{path} holds weights only (no optimizer/epoch state), so it cannot be resumed: "
+                f"use -t {path} to fine-tune from it instead"
+            )
+        load_weights_strict(self.model, checkpoint["model"])
+        if self.ema is not None and checkpoint.get("ema"):
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.lr_schedule.load_state_dict(checkpoint["lr_schedule"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch = int(checkpoint["epoch"])
+        self.global_step = int(checkpoint["global_step"])
+        self.stage = int(checkpoint.get("stage", 1))
+        best = checkpoint.get("best") or {}
+        self.best_ap = float(best.get("ap", -1.0))
+        self.best_epoch = int(best.get("epoch", -1))
+        self.best_stage1_ap = float(best.get("stage1_ap", -1.0))
+        self.seed = int(checkpoint.get("seed", self.seed))
+        self.history = list(checkpoint.get("history") or [])
+        if checkpoint.get("rng"):
+            restore_rng_state(checkpoint["rng"])
+        logger.info(
+            "resumed %s: next epoch %d, step %d, stage %d", path, self.epoch, self.global_step, self.stage
+        )
+
+
+def _format_record(record: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in record.items():
+        if key in ("epoch",):
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts)
