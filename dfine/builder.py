@@ -1,7 +1,7 @@
 """Build the model, criterion and post-processor from a resolved config.
 
-Values several components need (``num_classes``, ``eval_spatial_size``, ``use_focal_loss``) live once at the top
-level of the config; this module hands them over explicitly, so reading a builder tells who gets what.
+Values several components need (``num_classes``, ``eval_spatial_size``, ``use_focal_loss``) live once at the
+top level of the config; this module hands them over explicitly, so reading a builder tells who gets what.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _spatial_size(cfg: Mapping[str, Any]) -> list[int] | None:
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Build the detector described by ``cfg["model"]`` (``{type: DFINE, backbone, encoder, decoder}``).
 
-    The backbone is built first; the encoder's ``in_channels`` and ``feat_strides`` are checked against what the
-    backbone returns, because a mismatch there otherwise surfaces as an opaque conv shape error.
+    The backbone is built first; the encoder's ``in_channels`` and ``feat_strides`` are checked against what
+    the backbone returns, because a mismatch there otherwise surfaces as an opaque conv shape error.
     """
     block = dict(_require(cfg, "model"))
     parts = {}
@@ -62,13 +62,15 @@ def _check_encoder_inputs(cfg: Mapping[str, Any], backbone: nn.Module, encoder: 
     strides = getattr(backbone, "out_strides", None)
     if channels is not None and "in_channels" in encoder and list(encoder["in_channels"]) != list(channels):
         raise ConfigError(
-            f"{_where(cfg, 'model.encoder.in_channels')} is {list(encoder['in_channels'])} but the backbone returns "
-            f"feature maps with {list(channels)} channels (return_idx {getattr(backbone, 'return_idx', '?')}); "
+            f"{_where(cfg, 'model.encoder.in_channels')} is {list(encoder['in_channels'])} "
+            f"but the backbone returns feature maps with {list(channels)} channels "
+            f"(return_idx {getattr(backbone, 'return_idx', '?')}); "
             f"set model.encoder.in_channels: {list(channels)}."
         )
     if strides is not None and "feat_strides" in encoder and list(encoder["feat_strides"]) != list(strides):
         raise ConfigError(
-            f"{_where(cfg, 'model.encoder.feat_strides')} is {list(encoder['feat_strides'])} but the backbone's "
+            f"{_where(cfg, 'model.encoder.feat_strides')} is {list(encoder['feat_strides'])} "
+            "but the backbone's "
             f"feature strides are {list(strides)}; set model.encoder.feat_strides: {list(strides)}."
         )
 

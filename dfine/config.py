@@ -6,8 +6,8 @@ Rules:
     * Mappings merge key by key; every other value (lists included) is replaced whole.
     * Overrides (``-u a.b.c=value``, the value parsed as YAML) are applied last.
 
-:func:`load_config` returns a :class:`Config`, a plain ``dict`` that also remembers which file (or override) set
-each key, so that validation errors can say where a bad value came from.
+:func:`load_config` returns a :class:`Config`, a plain ``dict`` that also remembers which file (or override)
+set each key, so that validation errors can say where a bad value came from.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _read_yaml(path: Path, included_from: str | None) -> dict[str, Any]:
     if not path.is_file():
         origin = f" (included from {included_from})" if included_from else ""
         raise ConfigError(
-            f"config file not found: {path}{origin}. Check the path; includes are relative to the including file."
+            f"config file not found: {path}{origin}. "
+            "Check the path; includes are relative to the including file."
         )
     if path.suffix not in (".yml", ".yaml"):
         raise ConfigError(f"{path}: config files must be YAML (.yml or .yaml).")
@@ -149,7 +150,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
-            f"override '{text}' must look like key.sub=value, e.g. -u epochs=72 or -u model.decoder.num_layers=4"
+            f"override '{text}' must look like key.sub=value, "
+            "e.g. -u epochs=72 or -u model.decoder.num_layers=4"
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -169,7 +171,8 @@ def _apply_override(
         elif not isinstance(child, dict):
             path = ".".join(keys[: depth + 1])
             raise ConfigError(
-                f"override '{text}': {path} is {child!r}, not a mapping, so it has no key '{keys[depth + 1]}'."
+                f"override '{text}': {path} is {child!r}, not a mapping, "
+                f"so it has no key '{keys[depth + 1]}'."
             )
         node = child
     node[keys[-1]] = value
@@ -327,7 +330,8 @@ def validate_config(cfg: Config) -> None:
         if key not in TOP_LEVEL:
             hint = did_you_mean(key, TOP_LEVEL)
             raise ConfigError(
-                f"{cfg.where(key)} is not a known setting.{hint} Known settings: {', '.join(sorted(TOP_LEVEL))}."
+                f"{cfg.where(key)} is not a known setting.{hint} "
+                f"Known settings: {', '.join(sorted(TOP_LEVEL))}."
             )
         _check_type(cfg, key, value, *TOP_LEVEL[key])
     size = cfg.get("eval_spatial_size")
@@ -346,4 +350,5 @@ def validate_config(cfg: Config) -> None:
                 continue
             if not isinstance(block, Mapping) or "type" not in block:
                 raise ConfigError(f"{cfg.where(path)} must be a mapping with a 'type' key, got {block!r}.")
-            registry.check_block(block, cfg.where(path), locate=lambda key, path=path: cfg.where(f"{path}.{key}"))
+            locate = lambda key, path=path: cfg.where(f"{path}.{key}")  # noqa: E731
+            registry.check_block(block, cfg.where(path), locate=locate)

@@ -63,7 +63,9 @@ def _block(cfg: Mapping[str, Any], part: str) -> dict[str, Any]:
     """``cfg["model"][part]`` with the constructor's defaults filled in."""
     model = cfg.get("model")
     if not isinstance(model, Mapping) or not isinstance(model.get(part), Mapping):
-        raise ValueError(f"config has no model.{part} block; pass the resolved config of dfine.load_config().")
+        raise ValueError(
+            f"config has no model.{part} block; pass the resolved config of dfine.load_config()."
+        )
     block = dict(model[part])
     expected = _EXPECTED_TYPES[part]
     if block.get("type") != expected:
@@ -145,7 +147,9 @@ def _check_supported(encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> 
     for (part, key), value in _HF_FIXED.items():
         block = encoder if part == "encoder" else decoder
         if block[key] != value:
-            raise ValueError(f"model.{part}.{key} is {block[key]!r}; HuggingFace's D-FINE only supports {value!r}.")
+            raise ValueError(
+                f"model.{part}.{key} is {block[key]!r}; HuggingFace's D-FINE only supports {value!r}."
+            )
     if decoder["query_select_method"] != "default":
         raise ValueError(
             f"model.decoder.query_select_method {decoder['query_select_method']!r} has no HuggingFace "

@@ -122,7 +122,11 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("encoder.lateral_convs.", "model.encoder.lateral_convs."),
     _Rule("encoder.fpn_blocks.{}.", "model.encoder.fpn_blocks.{}.", heads=_ELAN_BLOCK),
     _Rule("encoder.pan_blocks.{}.", "model.encoder.pan_blocks.{}.", heads=_ELAN_BLOCK),
-    _Rule("encoder.downsample_convs.{}.0.", "model.encoder.downsample_convs.{}.", heads=(("cv1.", "conv1."), ("cv2.", "conv2."))),
+    _Rule(
+        "encoder.downsample_convs.{}.0.",
+        "model.encoder.downsample_convs.{}.",
+        heads=(("cv1.", "conv1."), ("cv2.", "conv2.")),
+    ),
     # decoder (DFINETransformer): shared W(n) constants, one HF key for two of ours
     _Rule("decoder.up", "model.decoder.up"),
     _Rule("decoder.decoder.up", "model.decoder.up"),
@@ -175,7 +179,9 @@ def _put(result: dict[str, Tensor], key: str, value: Tensor, source: str) -> Non
 
 
 def _unknown(keys: list[str], to_hf: bool) -> ValueError:
-    side, expect = ("D-FINE", "backbone., encoder., decoder.") if to_hf else ("HuggingFace", "model., class_embed.")
+    side, expect = (
+        ("D-FINE", "backbone., encoder., decoder.") if to_hf else ("HuggingFace", "model., class_embed.")
+    )
     hint = ""
     if any(k.startswith("module.") for k in keys):
         hint = " Keys start with 'module.': strip that prefix (a DistributedDataParallel checkpoint)."
@@ -186,7 +192,9 @@ def _unknown(keys: list[str], to_hf: bool) -> ValueError:
     )
 
 
-def dfine_to_hf_state_dict(sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DFineConfig) -> dict[str, Tensor]:
+def dfine_to_hf_state_dict(
+    sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DFineConfig
+) -> dict[str, Tensor]:
     """Convert a state dict from our (= original D-FINE) layout to ``DFineForObjectDetection``'s.
 
     Tensors are carried over unchanged (views, no copies) except the fused attention projections, which are
@@ -209,11 +217,15 @@ def dfine_to_hf_state_dict(sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DF
     result: dict[str, Tensor] = {}
     unknown = []
     for key, value in sd.items():
-        if key in _DROPPED_FOR_HF or (facts.backbone_frozen_norm and _is_backbone_step_count(key, "backbone.")):
+        if key in _DROPPED_FOR_HF or (
+            facts.backbone_frozen_norm and _is_backbone_step_count(key, "backbone.")
+        ):
             continue
         fused = _FUSED.match(key)
         if fused:
-            key_hf = _rename(fused.group(1) + "out_proj.weight", to_hf=True)  # locate the layer through a sibling
+            key_hf = _rename(
+                fused.group(1) + "out_proj.weight", to_hf=True
+            )  # locate the layer through a sibling
             if not key_hf:
                 unknown.append(key)
                 continue
@@ -231,7 +243,9 @@ def dfine_to_hf_state_dict(sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DF
     return result
 
 
-def hf_to_dfine_state_dict(sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DFineConfig) -> dict[str, Tensor]:
+def hf_to_dfine_state_dict(
+    sd: Mapping[str, Tensor], cfg: Mapping[str, Any] | DFineConfig
+) -> dict[str, Tensor]:
     """Convert a ``DFineForObjectDetection`` state dict to our (= original D-FINE) layout.
 
     The inverse of :func:`dfine_to_hf_state_dict`: ``dfine -> hf -> dfine`` gives back every tensor bit for bit.
@@ -294,7 +308,9 @@ def _is_backbone_step_count(key: str, prefix: str) -> bool:
 def _add_step_counts(result: dict[str, Tensor]) -> None:
     """Give each trainable backbone BatchNorm a ``num_batches_tracked`` (zero) if the source had none."""
     for key in [k for k in result if k.startswith("backbone.") and k.endswith(".running_var")]:
-        result.setdefault(key[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        result.setdefault(
+            key[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long)
+        )
 
 
 def _anchor_buffers(facts: LayoutFacts) -> dict[str, Tensor]:

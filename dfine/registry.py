@@ -1,7 +1,7 @@
 """Name -> class registries and the builder that turns ``{type: Name, **kwargs}`` blocks into objects.
 
-Each layer owns one registry (``MODELS``, ``LOSSES``, ``TRANSFORMS``, ...). A config block maps one-to-one onto
-the constructor's keyword arguments; values shared by several components are passed by the caller as
+Each layer owns one registry (``MODELS``, ``LOSSES``, ``TRANSFORMS``, ...). A config block maps one-to-one
+onto the constructor's keyword arguments; values shared by several components are passed by the caller as
 ``build(..., num_classes=...)`` so that who reads what stays visible in code.
 """
 
@@ -40,7 +40,7 @@ def did_you_mean(key: str, allowed: Iterable[str]) -> str:
 
 
 def constructor_arguments(obj: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    """Keyword arguments a registered class or function accepts (``self`` and ``*args``/``**kwargs`` left out)."""
+    """Keyword arguments a registered class or function accepts (not ``self``, ``*args``, ``**kwargs``)."""
     target = obj.__init__ if inspect.isclass(obj) else obj
     params = inspect.signature(target).parameters
     return {

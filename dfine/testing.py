@@ -1,10 +1,10 @@
 """Helpers for tests and parity tools: deterministic "realistic" weights for any D-FINE-layout module.
 
-Freshly initialised D-FINE models hide bugs: the last layers of the box heads, LQE, gates and attention offsets
-start at zero, so every box equals its anchor, and default BatchNorm statistics make the encoder's top-k scores tie
-to ~1e-7. :func:`realistic_state_dict` gives every tensor values drawn from a generator seeded by the tensor's *key*,
-so the same weights can be rebuilt in any code base that shares the key names (ours, the original D-FINE), and a
-parity fixture only has to store the seed, not megabytes of weights.
+Freshly initialised D-FINE models hide bugs: the last layers of the box heads, LQE, gates and attention
+offsets start at zero, so every box equals its anchor, and default BatchNorm statistics make the encoder's
+top-k scores tie to ~1e-7. :func:`realistic_state_dict` gives every tensor values drawn from a generator
+seeded by the tensor's *key*, so the same weights can be rebuilt in any code base that shares the key names
+(ours, the original D-FINE), and a parity fixture only has to store the seed, not megabytes of weights.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def random_images(batch_size: int, height: int, width: int, seed: int = 0) -> Te
 
 
 def state_dict_checksum(state_dict: dict[str, Tensor], keys: Iterable[str] | None = None) -> float:
-    """A float summary of the values (for checking that a regenerated state dict is the one a fixture used)."""
+    """A float summary of the values (checks that a regenerated state dict is the one a fixture used)."""
     total = 0.0
     for key in sorted(keys if keys is not None else state_dict):
         value = state_dict[key]

@@ -155,9 +155,8 @@ def test_encoder_keys_and_shapes_equal_the_original(original: Path, size: str):
 
 
 @pytest.mark.original
-@pytest.mark.parametrize(
-    "size", ["n", "s", "l"]
-)  # B0 with lab (two return_idx settings), B4 with frozen norms
+# B0 with lab (two return_idx settings), B2 with lab, B4 with frozen norms
+@pytest.mark.parametrize("size", ["n", "s", "m", "l"])
 def test_backbone_outputs_equal_the_original(original: Path, size: str):
     from src.nn.backbone.hgnetv2 import HGNetv2 as OriginalHGNetv2
 

@@ -61,12 +61,12 @@ def test_overrides_are_parsed_as_yaml_and_applied_last(layered: Path) -> None:
 
 
 def test_override_without_equals_sign_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         parse_override("epochs")
 
 
 def test_override_through_a_scalar_names_the_path(layered: Path) -> None:
-    with pytest.raises(ConfigError, match="epochs is 3, not a mapping"):
+    with pytest.raises(ConfigError, match=r"epochs is 3, not a mapping"):
         load_config(layered, ["epochs.sub=1"], validate=False)
 
 

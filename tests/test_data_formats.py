@@ -58,7 +58,10 @@ def three_formats(tmp_path: Path) -> dict[str, object]:
     labels = tmp_path / "labels" / "train"
     labels.mkdir(parents=True)
     for name, width, height, objects in IMAGES[:2]:  # c.png has no label file: an empty image
-        lines = [f"{c} {(x + w / 2) / width} {(y + h / 2) / height} {w / width} {h / height}" for x, y, w, h, c in objects]
+        lines = [
+            f"{c} {(x + w / 2) / width} {(y + h / 2) / height} {w / width} {h / height}"
+            for x, y, w, h, c in objects
+        ]
         (labels / name.replace(".png", ".txt")).write_text("\n".join(lines))
     (tmp_path / "data.yaml").write_text("names: {0: cat, 1: dog, 2: bird}\n")
 
@@ -94,7 +97,10 @@ def test_yolo_and_voc_give_the_same_targets_as_the_equivalent_coco_json(three_fo
             assert image_a.size == image_b.size
             torch.testing.assert_close(target_a["labels"], target_b["labels"])
             torch.testing.assert_close(
-                target_a["boxes"].as_subclass(torch.Tensor), target_b["boxes"].as_subclass(torch.Tensor), atol=1e-4, rtol=0
+                target_a["boxes"].as_subclass(torch.Tensor),
+                target_b["boxes"].as_subclass(torch.Tensor),
+                atol=1e-4,
+                rtol=0,
             )
             torch.testing.assert_close(target_a["orig_size"], target_b["orig_size"])
     assert three_formats["coco"].load_item(0)[1]["labels"].tolist() == [0, 2]
@@ -145,13 +151,19 @@ def test_exif_rotated_jpeg_loads_upright_and_the_box_check_uses_the_upright_size
     assert top[0] > 200 and top[2] < 60, f"the stored left (red) half must be on top, got {top}"
     assert bottom[2] > 200 and bottom[0] < 60
     assert target["orig_size"].tolist() == [32, 64]
-    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.tensor([[2.0, 40.0, 22.0, 60.0]]))
+    torch.testing.assert_close(
+        target["boxes"].as_subclass(torch.Tensor), torch.tensor([[2.0, 40.0, 22.0, 60.0]])
+    )
 
     report = check_dataset(dataset)
-    assert report.ok and report.count("outside") == 0 and report.count("size_mismatch") == 0, report.summary_lines()
+    assert report.ok and report.count("outside") == 0 and report.count("size_mismatch") == 0, (
+        report.summary_lines()
+    )
 
 
-@pytest.mark.parametrize("category_ids", [[1, 2, 3], [1, 44, 90], [0, 1, 2]], ids=["1..3", "sparse", "from-0"])
+@pytest.mark.parametrize(
+    "category_ids", [[1, 2, 3], [1, 44, 90], [0, 1, 2]], ids=["1..3", "sparse", "from-0"]
+)
 def test_category_ids_map_to_contiguous_labels_and_back(tmp_path, category_ids):
     _write_images(tmp_path)
     _write_coco(tmp_path / "ann.json", category_ids)

@@ -1,7 +1,7 @@
 """Our D-FINE against the original implementation: state-dict layout and outputs on the same weights.
 
-The CI half reads tests/fixtures/model_parity_n.pt (made by tools/make_model_fixture.py from the original code);
-the ``original`` half rebuilds the original model live when its checkout is available.
+The CI half reads tests/fixtures/model_parity_n.pt (made by tools/make_model_fixture.py from the original
+code); the ``original`` half rebuilds the original model live when its checkout is available.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Record the original D-FINE model's outputs so CI can re-check our model's parity without the original code.
 
-The weights are not stored: :func:`dfine.testing.realistic_state_dict` regenerates them from a seed and the key
-names, which both code bases share. The fixture stores the original's key list and shapes, the seed, a checksum of
-the weights, and the original's eval and training outputs on a seeded 320x320 image.
+The weights are not stored: :func:`dfine.testing.realistic_state_dict` regenerates them from a seed and the
+key names, which both code bases share. The fixture stores the original's key list and shapes, the seed, a
+checksum of the weights, and the original's eval and training outputs on a seeded 320x320 image.
 
 Usage (with the original repository checked out, e.g. ``git clone https://github.com/Peterande/D-FINE``)::
 

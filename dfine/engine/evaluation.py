@@ -44,8 +44,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader``'s dataset, gathered over all ranks.
 
-    Labels are mapped back to the dataset's category ids and boxes to its original image pixels, so the result is
-    comparable with any other detector scored on the same annotation file.
+    Labels are mapped back to the dataset's category ids and boxes to its original image pixels, so the result
+    is comparable with any other detector scored on the same annotation file.
 
     Returns:
         ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``, ``AR10``, ``AR100``, ... in 0..1, plus

@@ -1,9 +1,10 @@
 """The training loop: one readable ``Trainer`` that turns config, model, loss and data into checkpoints.
 
 Per step: ``autocast -> model -> criterion (fp32) -> scaler/backward -> clip -> optimizer -> EMA -> lr``.
-Per epoch: ``train -> last.pth -> evaluate -> best.pth / eval.json -> log``. The D-FINE two-stage recipe is an
-explicit phase: at ``stop_epoch`` strong augmentation and multi-scale switch off (the data pipeline does that from
-the epoch number), the best stage-1 weights are reloaded and EMA restarts with ``ema_restart_decay``.
+Per epoch: ``train -> last.pth -> evaluate -> best.pth / eval.json -> log``. The D-FINE two-stage recipe is
+an explicit phase: at ``stop_epoch`` strong augmentation and multi-scale switch off (the data pipeline does
+that from the epoch number), the best stage-1 weights are reloaded and EMA restarts with
+``ema_restart_decay``.
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ class Trainer:
     def train_step(
         self, images: Tensor, targets: list[dict[str, Any]], index: int, sync: bool = True
     ) -> dict[str, float] | None:
-        """Forward, loss and backward for one (micro-)batch; gradients accumulate until :meth:`optimizer_step`.
+        """Forward, loss and backward of one (micro-)batch; gradients accumulate until :meth:`optimizer_step`.
 
         Returns:
             The loss terms averaged over ranks, or ``None`` when the step was skipped for a non-finite loss.
@@ -364,7 +365,8 @@ class Trainer:
         )
         if self.non_finite_steps >= MAX_NON_FINITE_STEPS:
             raise NonFiniteLossError(
-                f"{self.non_finite_steps} consecutive steps had non-finite losses ({terms}) at epoch {self.epoch}; "
+                f"{self.non_finite_steps} consecutive steps had non-finite losses ({terms}) "
+                f"at epoch {self.epoch}; "
                 f"stopping. {self.output_dir / 'last.pth'} holds the last good state. Try a lower lr, "
                 "clip_max_norm, or use_amp=false, and check the data (dfine-train --check-data)."
             )
@@ -435,7 +437,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly; ``model`` / ``ema.module`` use the original key names."""
+        """Everything needed to continue the run exactly; ``model``, ``ema.module`` use original key names."""
         label_map = getattr(getattr(self.train_loader, "dataset", None), "label_map", None)
         return {
             "model": self.model.state_dict(),

@@ -18,7 +18,9 @@ from dfine.data import VOCDetection, check_dataset
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, help="dataset folder")
     parser.add_argument("--ann-file", default="trainval.txt", help="'image xml' pairs, relative to root")
     parser.add_argument("--label-file", default="label_list.txt", help="class names, one per line")

@@ -18,9 +18,13 @@ from dfine.data import YoloDetection, check_dataset
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--img-folder", required=True, help="folder of images (…/images/train)")
-    parser.add_argument("--names", required=True, help="data.yaml with 'names', or a names file (one per line)")
+    parser.add_argument(
+        "--names", required=True, help="data.yaml with 'names', or a names file (one per line)"
+    )
     parser.add_argument("--label-folder", default=None, help="default: img-folder with images -> labels")
     parser.add_argument("--out", required=True, help="COCO JSON to write")
     args = parser.parse_args()

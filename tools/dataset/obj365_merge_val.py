@@ -17,9 +17,13 @@ from dfine.data.obj365 import merge_validation_into_train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-dir", required=True, help="folder holding train/ and val/")
-    parser.add_argument("--new-val-size", type=int, default=5000, help="validation images to keep (default 5000)")
+    parser.add_argument(
+        "--new-val-size", type=int, default=5000, help="validation images to keep (default 5000)"
+    )
     parser.add_argument("--prefix", default="new", help="output files are PREFIX_zhiyuan_objv2_*.json")
     parser.add_argument(
         "--images", choices=("symlink", "copy", "none"), default="symlink", help="how moved images are placed"

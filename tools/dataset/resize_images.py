@@ -17,7 +17,9 @@ from dfine.data.obj365 import resize_coco_images
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ann-file", required=True, help="COCO JSON of the images")
     parser.add_argument("--img-folder", required=True, help="folder the file names are relative to")
     parser.add_argument("--max-size", type=int, default=640, help="longest side after resizing (default 640)")
