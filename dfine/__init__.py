@@ -8,7 +8,8 @@ Public API::
     postprocessor = dfine.build_postprocessor(cfg)
 """
 
-from . import models  # noqa: F401  (registers the model components)
+# Importing the layers registers their components (models, losses, datasets, transforms) by name.
+from . import data, losses, models  # noqa: F401
 from .builder import build_criterion, build_model, build_postprocessor
 from .config import Config, ConfigError, load_config
 

@@ -1,12 +1,14 @@
 """Build a HuggingFace ``DFineConfig`` from our resolved config, and read the layout facts both sides share.
 
-Our config blocks are the constructors' keyword arguments (the original D-FINE names); arguments a block leaves
-out take the constructor's default, read from the registered class. A setting HF's ``DFineForObjectDetection``
-cannot express (another backbone, a class-agnostic query selection, an ``eval_idx`` before the last layer, ...)
-raises ``ValueError`` rather than producing a model that silently computes something else.
+Our config blocks are the constructors' keyword arguments (the original D-FINE names); arguments a block
+leaves out take the constructor's default, read from the registered class. A setting HF's
+``DFineForObjectDetection`` cannot express (another backbone, a class-agnostic query selection, an
+``eval_idx`` before the last layer, ...) raises ``ValueError`` rather than producing a model that silently
+computes something else.
 
 Settings with no HF counterpart and no effect on the forward pass are ignored: ``freeze_at`` and
-``freeze_stem_only`` (which parameters train) and ``pretrained`` (where the backbone's start weights come from).
+``freeze_stem_only`` (which parameters train) and ``pretrained`` (where the backbone's start weights come
+from).
 """
 
 from __future__ import annotations

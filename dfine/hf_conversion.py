@@ -1,23 +1,23 @@
 """Move D-FINE weights between our layout (= the original D-FINE checkpoints) and HuggingFace's.
 
-HuggingFace ``transformers`` ships the same network as ``DFineForObjectDetection``. Its parameters hold the same
-numbers under other names, with three differences of layout:
+HuggingFace ``transformers`` ships the same network as ``DFineForObjectDetection``. Its parameters hold the
+same numbers under other names, with three differences of layout:
 
 * attention input projections: ours is one fused ``self_attn.in_proj_weight`` [3D, D] (query, key, value
   rows in that order), HF keeps ``q_proj``, ``k_proj`` and ``v_proj`` [D, D] each;
 * shared tensors: ``decoder.up`` / ``decoder.reg_scale`` are the same parameters as
   ``decoder.decoder.up`` / ``decoder.decoder.reg_scale`` (one HF key each), and HF repeats the decoder's class
   and box heads at the top level (``class_embed.*``, ``bbox_embed.*``, tied to ``model.decoder.*``);
-* buffers HF does not store: the decoder's ``anchors`` / ``valid_mask`` (HF computes anchors per input, or keeps
-  them as plain attributes) are dropped on the way to HF and recomputed from ``eval_spatial_size`` on the way
-  back. Backbone ``num_batches_tracked`` exist on a side only when its backbone BatchNorms are not frozen
-  (our ``freeze_norm``, HF's ``freeze_backbone_batch_norms``): they are dropped, or added as zeros.
+* buffers HF does not store: the decoder's ``anchors`` / ``valid_mask`` (HF computes anchors per input,
+  or keeps them as plain attributes) are dropped on the way to HF and recomputed from ``eval_spatial_size`` on
+  the way back. Backbone ``num_batches_tracked`` exist on a side only when its backbone BatchNorms are not
+  frozen (our ``freeze_norm``, HF's ``freeze_backbone_batch_norms``): they are dropped, or added as zeros.
 
 The key table below was derived by building both models for the same architecture and matching key lists and
 shapes; the parity tests (tests/test_hf_conversion.py) check it by running both models on the same weights.
 
-``transformers`` is an optional extra (``pip install -e ".[hf]"``); it is imported only inside the functions that
-need it.
+``transformers`` is an optional extra (``pip install -e ".[hf]"``); it is imported only inside the functions
+that need it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .hf_config import LayoutFacts, import_transformers, hf_config_from_dfine_config, layout_facts
+from .hf_config import LayoutFacts, hf_config_from_dfine_config, import_transformers, layout_facts
 
 if TYPE_CHECKING:
     from transformers import DFineConfig
@@ -84,7 +84,7 @@ class _Rule:
         return rest
 
 
-# Inside an AIFI encoder layer / a decoder layer; `self_attn.in_proj_*` are split in _split_fused().
+# Inside an AIFI encoder layer / a decoder layer (the fused `self_attn.in_proj_*` are split separately).
 _ENCODER_LAYER = (
     ("self_attn.out_proj.", "self_attn.o_proj."),
     ("linear1.", "mlp.layers.0."),
@@ -154,6 +154,19 @@ _DROPPED_FOR_HF = ("decoder.anchors", "decoder.valid_mask")
 _FUSED = re.compile(r"^(.*\.self_attn\.)in_proj_(weight|bias)$")
 _SPLIT = re.compile(r"^(.*\.self_attn\.)([qkv])_proj\.(weight|bias)$")
 _QKV = ("q", "k", "v")
+# Files written by ``save_pretrained`` (and the D-FINE checkpoints on the HF hub) keep transformers' older
+# module names; ``from_pretrained`` renames them on load, and so does hf_to_dfine_state_dict.
+_HF_FILE_NAMES = (
+    (re.compile(r"\.out_proj\."), ".o_proj."),
+    (re.compile(r"\.layers\.(\d+)\.fc([12])\."), lambda m: f".layers.{m[1]}.mlp.layers.{int(m[2]) - 1}."),
+    (re.compile(r"^model\.encoder\.encoder\.(\d+)\.layers\."), r"model.encoder.aifi.\1.layers."),
+)
+
+
+def _current_hf_name(key: str) -> str:
+    for pattern, replacement in _HF_FILE_NAMES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _rename(key: str, to_hf: bool) -> list[str]:
@@ -203,7 +216,8 @@ def dfine_to_hf_state_dict(
     BatchNorms (HF's frozen BatchNorm has none).
 
     Args:
-        sd: our state dict (``model.state_dict()``, ``checkpoint["model"]`` or ``checkpoint["ema"]["module"]``).
+        sd: our state dict (``model.state_dict()``, ``checkpoint["model"]`` or
+            ``checkpoint["ema"]["module"]``).
         cfg: our resolved config (``dfine.load_config``), or the target ``DFineConfig``.
 
     Returns:
@@ -248,7 +262,8 @@ def hf_to_dfine_state_dict(
 ) -> dict[str, Tensor]:
     """Convert a ``DFineForObjectDetection`` state dict to our (= original D-FINE) layout.
 
-    The inverse of :func:`dfine_to_hf_state_dict`: ``dfine -> hf -> dfine`` gives back every tensor bit for bit.
+    The inverse of :func:`dfine_to_hf_state_dict`: ``dfine -> hf -> dfine`` gives back every tensor bit for
+    bit.
     Query/key/value projections are concatenated into ``in_proj_*``; the shared ``up`` / ``reg_scale`` are
     written under both of our keys; HF's top-level ``class_embed`` / ``bbox_embed`` copies may be absent (as
     in a saved ``model.safetensors``) and must equal ``model.decoder.*`` when present. ``decoder.anchors`` /
@@ -256,7 +271,8 @@ def hf_to_dfine_state_dict(
     backbone ``num_batches_tracked`` are added as zeros when our backbone BatchNorms are not frozen.
 
     Args:
-        sd: an HF state dict (``model.state_dict()`` or the tensors of ``model.safetensors``).
+        sd: an HF state dict: ``model.state_dict()``, or the tensors of a ``model.safetensors`` file, whose
+            older module names (``out_proj``, ``fc1``, ``encoder.encoder``) are accepted too.
         cfg: our resolved config, or the ``DFineConfig`` the weights come with (anchors then follow its
             ``anchor_image_size``).
 
@@ -272,6 +288,7 @@ def hf_to_dfine_state_dict(
     fused_parts: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in sd.items():
+        key = _current_hf_name(key)
         split = _SPLIT.match(key)
         if split:
             targets = _rename(split.group(1) + "o_proj.weight", to_hf=False)
@@ -329,8 +346,9 @@ def save_hf_pretrained(
 ) -> DFineConfig:
     """Write ``model.safetensors`` and ``config.json`` that ``DFineForObjectDetection.from_pretrained`` loads.
 
-    The weights are loaded into a freshly built HF model with ``strict=True`` first, so a folder is only written
-    for weights that fit the config exactly.
+    The weights are loaded into a freshly built HF model with ``strict=True`` first, so a folder is only
+    written for weights that fit the config exactly. On disk, transformers keeps its hub names (``out_proj``,
+    ``fc1``, ``encoder.encoder``), as in the published D-FINE checkpoints.
 
     Args:
         model_state_dict: our state dict.
@@ -359,8 +377,8 @@ def _safetensors_files(folder: Path) -> Iterator[Path]:
         yield folder / "model.safetensors"
     else:
         raise FileNotFoundError(
-            f"{folder} has no model.safetensors (or model.safetensors.index.json); expected a folder written by "
-            "save_hf_pretrained or DFineForObjectDetection.save_pretrained."
+            f"{folder} has no model.safetensors (or model.safetensors.index.json); expected a folder written "
+            "by save_hf_pretrained or DFineForObjectDetection.save_pretrained."
         )
 
 
@@ -372,7 +390,8 @@ def load_hf_pretrained(
     Args:
         folder: a folder written by :func:`save_hf_pretrained` or ``save_pretrained``.
         cfg: our config for the model the weights go into; it decides the ``anchors`` buffers
-            (``eval_spatial_size``) and backbone step counters. Without it the folder's ``DFineConfig`` decides.
+            (``eval_spatial_size``) and backbone step counters. Without it the folder's ``DFineConfig``
+            decides (no anchors unless its ``anchor_image_size`` is set).
 
     Returns:
         ``(state_dict in our layout, DFineConfig)``.

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
-DEFAULT_ORIGINAL_DIR = "/work/orig"
-
 
 @pytest.fixture(scope="session")
 def original() -> Path:
-    """Path of the original D-FINE checkout (env ``DFINE_ORIG_DIR``, default /work/orig), on ``sys.path``."""
-    path = Path(os.environ.get("DFINE_ORIG_DIR", DEFAULT_ORIGINAL_DIR)).expanduser().resolve()
-    if not (path / "src" / "zoo" / "dfine").is_dir():
+    """Path of the original D-FINE checkout named by env ``DFINE_ORIG_DIR``, put on ``sys.path``.
+
+    Only the environment variable counts (no default location), so a CI machine that happens to have a
+    checkout somewhere does not silently turn these slow local checks on.
+    """
+    value = os.environ.get("DFINE_ORIG_DIR")
+    path = Path(value).expanduser().resolve() if value else None
+    if path is None or not (path / "src" / "zoo" / "dfine").is_dir():
         pytest.skip("original D-FINE checkout not found: set DFINE_ORIG_DIR")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))

@@ -275,6 +275,16 @@ def test_deployed_encoder_matches_the_eval_outputs(eval_spatial_size: list[int] 
         assert_all_close(encoder(inputs), reference, atol=1e-4)
 
 
+def test_position_embedding_pairs_tokens_with_coordinates_as_the_original_does():
+    # dim 4: one frequency (1.0); token t of a row-major 2 x 3 map gets (t // H, t % H) = (t // 2, t % 2)
+    tokens = torch.arange(6.0)
+    first, second = tokens // 2, tokens % 2
+    expected = torch.stack([first.sin(), first.cos(), second.sin(), second.cos()], dim=1)[None]
+    torch.testing.assert_close(sincos_position_embedding(2, 3, 4), expected)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(2, 3, 6)
+
+
 def test_position_embedding_is_cached_for_the_eval_size_and_computed_for_other_sizes():
     tiny = dict(in_channels=[16, 32], feat_strides=[16, 32], hidden_dim=32, nhead=4, dim_feedforward=64)
     tiny |= dict(use_encoder_idx=[1], expansion=0.5, depth_mult=0.34)

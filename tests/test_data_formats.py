@@ -1,4 +1,4 @@
-"""Dataset formats: COCO JSON, YOLO txt and VOC XML agree; EXIF orientation; category remapping; num_classes."""
+"""Dataset formats: COCO JSON, YOLO txt and VOC XML agree; EXIF orientation; category remap; num_classes."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_yolo_and_voc_convert_to_coco_json_with_pixel_boxes(three_formats):
 
 
 def _exif_rotated_jpeg(path: Path) -> None:
-    """Stored 64 wide x 32 high, left half red, right half blue, EXIF orientation 6 (turn 90 degrees clockwise)."""
+    """Stored 64 wide x 32 high, left half red, right half blue, EXIF orientation 6 (turn 90 deg right)."""
     pixels = np.zeros((32, 64, 3), dtype=np.uint8)
     pixels[:, :32] = (255, 0, 0)
     pixels[:, 32:] = (0, 0, 255)

@@ -87,7 +87,7 @@ def test_box_to_distance_inverts_distance_to_box_inside_the_range() -> None:
     project = weighting_function(reg_max, UP, reg_scale)
     ref = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.4, 0.3, 0.3, 0.2]])
     distance = torch.tensor([[0.3, -0.7, 1.5, 2.2], [-1.1, 0.0, 0.9, -0.2]])
-    boxes_xyxy = _cxcywh_to_xyxy(distance_to_box(ref, distance, reg_scale))
+    boxes_xyxy = box_cxcywh_to_xyxy(distance_to_box(ref, distance, reg_scale))
     position, weight_right, weight_left = box_to_distance(ref, boxes_xyxy, reg_max, UP, reg_scale)
     index = position.floor().long()
     recovered = project[index] * weight_left + project[index + 1] * weight_right
@@ -107,11 +107,6 @@ def test_inverted_predictions_become_point_boxes_in_xyxy() -> None:
     boxes = distance_to_box(torch.tensor([0.5, 0.5, 0.2, 0.2]), torch.tensor([-3.0, 0.0, -3.0, 0.0]), 4.0)
     assert boxes[2] < 0
     assert_close(box_cxcywh_to_xyxy(boxes), torch.tensor([0.5, 0.4, 0.5, 0.6]))
-
-
-def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------ against original
@@ -156,7 +151,7 @@ def test_fdr_functions_equal_the_original(original: Path, reg_max: int, up: floa
         assert_close(ours, expected, rtol=0, atol=1e-6)
 
     points = ref.reshape(-1, 4)
-    boxes_xyxy = _cxcywh_to_xyxy(torch.rand(14, 4, generator=generator) * 0.4 + 0.2)
+    boxes_xyxy = box_cxcywh_to_xyxy(torch.rand(14, 4, generator=generator) * 0.4 + 0.2)
     ours = box_to_distance(points, boxes_xyxy, reg_max, up_t, scale_t)
     expected = theirs.bbox2distance(points, boxes_xyxy, reg_max, scale_t, up_t)
     for a, b in zip(ours, expected, strict=True):

@@ -25,6 +25,7 @@ __all__ = ["Compose", "build_transforms"]
 
 logger = logging.getLogger(__name__)
 
+_warned: set[tuple[str, str]] = set()  # one warning per pipeline and op, however often it is built
 _POLICY_KEYS = {"default": {"name"}, "stop_epoch": {"name", "epoch", "ops"}}
 
 
@@ -158,7 +159,8 @@ def _check_policy(
                     f"{did_you_mean(op_name, TRANSFORMS.names)} "
                     f"Ops in this pipeline: {', '.join(op_names)}."
                 )
-            if warn and op_name not in op_names:
+            if warn and op_name not in op_names and (where, op_name) not in _warned:
+                _warned.add((where, op_name))
                 logger.warning(
                     "%s.policy.ops names %s, which is not in ops; nothing to stop.", where, op_name
                 )

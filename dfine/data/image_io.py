@@ -97,13 +97,18 @@ def load_image(path: str | os.PathLike, *, allow_truncated: bool = True) -> Imag
 
 
 def _decode(path: str) -> Image.Image:
-    with Image.open(path) as image:
+    image = Image.open(path)
+    try:
         orientation = exif_orientation(image)
-        image.load()
-        rgb = image.convert("RGB") if image.mode != "RGB" else image.copy()
+        image.load()  # also closes the file of single-frame images
+    except BaseException:
+        image.close()
+        raise
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     if orientation in _UPRIGHT:
-        rgb = rgb.transpose(_UPRIGHT[orientation])
-    return rgb
+        image = image.transpose(_UPRIGHT[orientation])
+    return image
 
 
 def _decode_truncated(path: str, error: OSError) -> Image.Image:

@@ -151,8 +151,9 @@ def build_dataloader(
 
     Args:
         block: the config's ``train_dataloader`` or ``val_dataloader`` mapping (see the module docstring).
-        split: ``train`` or ``val``; under DDP, ``val`` loaders shard without padding (`ShardSampler`) so each
-            image is evaluated once, training loaders use a ``DistributedSampler``.
+        split: ``train`` or ``val``. Training loaders use a ``DistributedSampler`` (also for one process:
+            the order is then a pure function of seed and epoch); under DDP, ``val`` loaders shard without
+            padding (`ShardSampler`) so each image is evaluated exactly once.
         world_size, rank: the process group (1, 0 for a single process).
         seed: the run's seed (``--seed``).
         num_classes: the config's top-level ``num_classes``, checked against the annotation file.
@@ -183,13 +184,11 @@ def build_dataloader(
     shuffle = bool(block.get("shuffle", False))
     drop_last = bool(block.get("drop_last", False))
     sampler: Sampler[int] | None = None
-    if world_size > 1:
-        if split == "train":
-            sampler = DistributedSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
-            )
-        else:
-            sampler = ShardSampler(len(dataset), world_size, rank)
+    if split == "train":
+        # Also for one process: its order is a pure function of (seed, epoch) once set_epoch is called.
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    elif world_size > 1:
+        sampler = ShardSampler(len(dataset), world_size, rank)
     if drop_last and len(sampler if sampler is not None else dataset) < batch_size:
         raise ConfigError(
             f"{where}: {len(dataset)} images on {world_size} process(es) give no full batch of {batch_size} "

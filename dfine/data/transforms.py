@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -75,6 +76,64 @@ class RandomIoUCrop(T.RandomIoUCrop):
         if torch.rand(1).item() >= self.p:
             return inputs if len(inputs) > 1 else inputs[0]
         return super().forward(*inputs)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """torchvision's crop search with its ``trials`` drawn at once (same distribution, ~10x faster).
+
+        Per drawn IoU option, the first of ``trials`` random crops that has the allowed aspect ratio, a box
+        centre inside and a box overlapping it by at least the option's IoU wins; none: draw another option.
+        """
+        height, width = T.query_size(flat_inputs)
+        boxes = F.convert_bounding_box_format(
+            T.get_bounding_boxes(flat_inputs).as_subclass(Tensor),
+            old_format=_format(flat_inputs),
+            new_format="XYXY",
+        ).reshape(-1, 4)
+        if len(boxes) == 0:
+            return {}  # no crop can contain a box centre: torchvision also ends up leaving the image as it is
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # [N, 2]
+        while True:
+            min_iou = self.options[int(torch.randint(low=0, high=len(self.options), size=(1,)))]
+            if min_iou >= 1.0:  # the "leave the image as it is" option
+                return {}
+            scale = self.min_scale + (self.max_scale - self.min_scale) * torch.rand(self.trials, 2)
+            new_w, new_h = (width * scale[:, 0]).floor(), (height * scale[:, 1]).floor()  # [T]
+            position = torch.rand(self.trials, 2)
+            left, top = (
+                ((width - new_w) * position[:, 0]).floor(),
+                ((height - new_h) * position[:, 1]).floor(),
+            )
+            right, bottom = left + new_w, top + new_h
+            ratio = new_w / new_h.clamp(min=1)
+            fits = (
+                (ratio >= self.min_aspect_ratio)
+                & (ratio <= self.max_aspect_ratio)
+                & (new_w > 0)
+                & (new_h > 0)
+            )
+            crops = torch.stack([left, top, right, bottom], dim=1)  # [T, 4]
+            inside = (
+                (centres[None, :, 0] > left[:, None])
+                & (centres[None, :, 0] < right[:, None])
+                & (centres[None, :, 1] > top[:, None])
+                & (centres[None, :, 1] < bottom[:, None])
+            )  # [T, N]
+            iou = torchvision.ops.box_iou(crops, boxes.to(crops.dtype))  # [T, N]
+            best = torch.where(inside, iou, torch.full_like(iou, -1.0)).amax(dim=1)  # [T]
+            good = torch.nonzero(fits & inside.any(dim=1) & (best >= min_iou)).flatten()
+            if len(good):
+                trial = int(good[0])
+                return {
+                    "top": int(top[trial]),
+                    "left": int(left[trial]),
+                    "height": int(new_h[trial]),
+                    "width": int(new_w[trial]),
+                    "is_within_crop_area": inside[trial],
+                }
+
+
+def _format(flat_inputs: list[Any]) -> tv_tensors.BoundingBoxFormat:
+    return T.get_bounding_boxes(flat_inputs).format
 
 
 def letterbox_geometry(
@@ -150,7 +209,11 @@ class Resize(T.Resize):
         outputs = super().forward(*inputs)
         target = outputs[1] if isinstance(outputs, tuple) and len(outputs) > 1 else None
         if self.keep_ratio and isinstance(target, dict):
-            height, width = T.query_size(tree_flatten(inputs)[0])
+            flat = tree_flatten(inputs if len(inputs) > 1 else inputs[0])[0]
+            sized = [
+                item for item, needed in zip(flat, self._needs_transform_list(flat), strict=True) if needed
+            ]
+            height, width = T.query_size(sized)
             scale = letterbox_geometry(height, width, *self.out_size)[0]
             out_height, out_width = self.out_size
             target["letterbox_size"] = torch.tensor(

@@ -19,31 +19,19 @@ averaged over ranks. Values equal the original implementation's (``dfine_criteri
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..ops.fdr import box_to_distance
 from ..registry import LOSSES, ConfigError, did_you_mean
-from .loss_terms import (
-    box_losses,
-    cxcywh_to_xyxy_nonnegative,
-    decoupled_distillation_loss,
-    fine_grained_localization_loss,
-    paired_iou_and_giou,
-    sigmoid_focal_loss,
-    varifocal_loss,
-)
+from .loss_terms import cxcywh_to_xyxy_nonnegative
+from .output_terms import BatchContext, FglTargets, LossSettings, Supervision, fgl_targets, output_terms
 from .pairs import Matching, Pairs, denoising_matches, to_device, union_of_matches
 
 __all__ = ["DFINECriterion"]
-
-logger = logging.getLogger(__name__)
 
 # loss name in `losses` -> the weight_dict keys it produces
 _LOSS_KEYS = {
@@ -52,26 +40,8 @@ _LOSS_KEYS = {
     "boxes": ("loss_bbox", "loss_giou"),
     "local": ("loss_fgl", "loss_ddf"),
 }
-_DISTILLATION_TEMPERATURE = 5.0
 # DDF weights its positive/negative halves by sqrt(count * 8 / batch size), as if every rank held 8 images
 _DDF_REFERENCE_BATCH = 8
-
-
-@dataclass
-class _Step:
-    """Values of one criterion call, shared by the output groups (never stored on the module)."""
-
-    labels: Tensor  # [N] int64, all targets of the batch
-    target_boxes: Tensor  # [N, 4] cxcywh, float32
-    target_xyxy: Tensor  # [N, 4] xyxy, float32
-    matching: Matching
-    num_boxes: float  # targets per rank, >= 1
-    num_union: float  # union pairs per rank, >= 1
-    up: Tensor | None
-    reg_scale: Tensor | None
-    ddf_weights: tuple[float, float]  # (positive, negative) halves of DDF
-    decoder_fgl: tuple[Tensor, Tensor, Tensor] | None = None  # FGL targets of the union pairs
-    teachers: dict[tuple[int, tuple[int, ...]], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @LOSSES.register()
@@ -79,8 +49,8 @@ class DFINECriterion(nn.Module):
     """The D-FINE loss (GO-LSD): Hungarian matching, then weighted loss terms for every output group.
 
     Args:
-        matcher: a built :class:`~dfine.losses.HungarianMatcher` (``dfine.build_criterion`` builds the config's
-            ``matcher`` block first and passes it here).
+        matcher: a built :class:`~dfine.losses.HungarianMatcher` (``dfine.build_criterion`` builds the
+            config's ``matcher`` block first and passes it here).
         weight_dict: weight of each term, e.g. ``{loss_vfl: 1, loss_bbox: 5, loss_giou: 2, loss_fgl: 0.15,
             loss_ddf: 1.5}``; terms without a weight are not returned.
         losses: which losses to compute: ``vfl`` or ``focal`` (classification), ``boxes`` (L1 + GIoU),
@@ -88,8 +58,8 @@ class DFINECriterion(nn.Module):
         alpha, gamma: focal parameters of the class loss (D-FINE: 0.75, 2.0).
         num_classes: number of classes C (passed by the builder).
         reg_max: number of bin intervals per edge (R - 1), as in the decoder.
-        boxes_weight_format: None, ``iou`` or ``giou``: weight the GIoU term by, and use as the class target, the
-            IoU (or GIoU) of each match.
+        boxes_weight_format: None, ``iou`` or ``giou``: weight the GIoU term by, and use as the class target,
+            the IoU (or GIoU) of each match.
         share_matched_indices: accepted for config compatibility; the original stores it and never reads it.
 
     Called as ``criterion(outputs, targets, **meta)`` with the training-mode model output (see
@@ -129,6 +99,10 @@ class DFINECriterion(nn.Module):
         self.boxes_weight_format = boxes_weight_format
         self.share_matched_indices = share_matched_indices
 
+    @property
+    def _settings(self) -> LossSettings:
+        return LossSettings(self.losses, self.alpha, self.gamma, self.reg_max, self.boxes_weight_format)
+
     def extra_repr(self) -> str:
         return f"losses={list(self.losses)}, weight_dict={self.weight_dict}, num_classes={self.num_classes}"
 
@@ -138,32 +112,34 @@ class DFINECriterion(nn.Module):
         """Compute every weighted loss term.
 
         Args:
-            outputs: the model's training output: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] cxcywh,
-                ``pred_corners`` [B, Q, 4 * R], ``ref_points`` [B, Q, 4], ``up``, ``reg_scale``; ``aux_outputs``
-                (dicts with also ``teacher_corners``, ``teacher_logits``), ``pre_outputs``, ``enc_aux_outputs``,
-                ``enc_meta``; with denoising ``dn_outputs``, ``dn_pre_outputs`` and ``dn_meta``.
+            outputs: the model's training output: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4]
+                cxcywh, ``pred_corners`` [B, Q, 4 * R], ``ref_points`` [B, Q, 4], ``up``, ``reg_scale``;
+                ``aux_outputs`` (dicts with also ``teacher_corners``, ``teacher_logits``), ``pre_outputs``,
+                ``enc_aux_outputs``, ``enc_meta``; with denoising ``dn_outputs``, ``dn_pre_outputs``,
+                ``dn_meta``.
             targets: B dicts with ``labels`` [N] int64 and ``boxes`` [N, 4] cxcywh in 0..1.
             **meta: epoch, step, ...: accepted and unused.
 
         Returns:
             ``{loss_vfl, loss_bbox, ..., loss_vfl_aux_0, ..., loss_ddf_dn_1, ...}``: weighted float32 scalars.
-            Every call with the same model settings returns the same keys: when ``dn_meta`` is present but the
-            batch gave no denoising queries (no boxes on this rank), the denoising terms are zeros built from the
-            regular outputs (``0 * pred.sum()``), so every rank's graph reaches the same parameters under DDP.
+            Every call with the same model settings returns the same keys: when ``dn_meta`` is present but
+            the batch gave no denoising queries (no boxes on this rank), the denoising terms are zeros built
+            from the regular outputs (``0 * pred.sum()``), so every rank's graph reaches the same parameters
+            under DDP.
         """
         if outputs["pred_logits"].shape[-1] != self.num_classes:
             raise ValueError(
-                f"pred_logits has {outputs['pred_logits'].shape[-1]} classes but the criterion was built with "
-                f"num_classes={self.num_classes}; the model and criterion must share the config's num_classes."
+                f"pred_logits has {outputs['pred_logits'].shape[-1]} classes but the criterion was built "
+                f"with num_classes={self.num_classes}; both must use the config's num_classes."
             )
         device = outputs["pred_logits"].device
         with torch.autocast(device.type, enabled=False):
-            step = self._prepare(outputs, targets)
-            losses = self._main_losses(outputs, step)
-            losses.update(self._aux_losses(outputs, step))
-            losses.update(self._pre_losses(outputs, step))
-            losses.update(self._enc_losses(outputs, step))
-            losses.update(self._dn_losses(outputs, step))
+            matching, context, num_boxes, num_union = self._prepare(outputs, targets)
+            norms = (num_boxes, num_union)
+            losses = self._decoder_losses(outputs, matching, context, norms)
+            losses.update(self._pre_losses(outputs, matching, context, norms))
+            losses.update(self._enc_losses(outputs, matching, context, norms))
+            losses.update(self._dn_losses(outputs, matching, context, num_boxes))
         return losses
 
     # ----------------------------------------------------------------------------------------------- matching
@@ -185,7 +161,10 @@ class DFINECriterion(nn.Module):
         dn = denoising_matches(outputs["dn_meta"], sizes) if _has_denoising(outputs) else None
         return to_device(own, union_of_matches(found), dn, sizes, outputs["pred_logits"].device)
 
-    def _prepare(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> _Step:
+    def _prepare(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[Matching, BatchContext, float, float]:
+        """Match, and gather what every output group shares: targets, normalisers, DDF weights."""
         device = outputs["pred_logits"].device
         matching = self.match(outputs, targets)
         num_targets = sum(int(t["labels"].shape[0]) for t in targets)
@@ -194,103 +173,116 @@ class DFINECriterion(nn.Module):
         )
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float().reshape(-1, 4)
         batch_size, num_queries = outputs["pred_boxes"].shape[:2]
-        # DDF weights use this rank's union size, as the original does (not averaged over ranks)
+        # DDF weighs its halves by this rank's union size, as the original does (not averaged over ranks)
         positive, total = 4 * len(matching.union), 4 * batch_size * num_queries
         scale = _DDF_REFERENCE_BATCH / batch_size
-        step = _Step(
+        context = BatchContext(
             labels=torch.cat([t["labels"] for t in targets]).to(device).long(),
             target_boxes=target_boxes,
             target_xyxy=cxcywh_to_xyxy_nonnegative(target_boxes),
-            matching=matching,
-            num_boxes=num_boxes,
-            num_union=num_union,
             up=outputs.get("up"),
             reg_scale=outputs.get("reg_scale"),
             ddf_weights=((positive * scale) ** 0.5, ((total - positive) * scale) ** 0.5),
         )
-        # every decoder layer decodes from the same reference points, so the main output's FGL targets serve all
-        step.decoder_fgl = self._fgl_targets(outputs, matching.union, step)
-        return step
+        return matching, context, num_boxes, num_union
+
+    def _terms(
+        self, output: Mapping[str, Tensor], supervision: Supervision, context: BatchContext, suffix: str
+    ) -> dict[str, Tensor]:
+        terms = output_terms(output, supervision, context, self._settings)
+        return {
+            key + suffix: value * self.weight_dict[key]
+            for key, value in terms.items()
+            if key in self.weight_dict
+        }
+
+    def _fgl(self, output: Mapping[str, Tensor], pairs: Pairs, context: BatchContext) -> FglTargets | None:
+        if "local" not in self.losses or "pred_corners" not in output:
+            return None
+        return fgl_targets(output, pairs, context, self.reg_max)
 
     # ------------------------------------------------------------------------------------------ output groups
-    def _main_losses(self, outputs: Mapping[str, Any], step: _Step) -> dict[str, Tensor]:
-        pairs = step.matching
-        return self._output_losses(
-            outputs,
-            step,
-            pairs.own["main"],
-            pairs.union,
-            step.num_boxes,
-            step.num_union,
-            step.decoder_fgl,
-            "",
-        )
-
-    def _aux_losses(self, outputs: Mapping[str, Any], step: _Step) -> dict[str, Tensor]:
-        pairs, losses, fgl = step.matching, {}, step.decoder_fgl
-        for i, aux in enumerate(outputs.get("aux_outputs", ())):
-            own = pairs.own[f"aux_{i}"]
-            losses.update(
-                self._output_losses(
-                    aux, step, own, pairs.union, step.num_boxes, step.num_union, fgl, f"_aux_{i}"
-                )
-            )
+    def _decoder_losses(
+        self,
+        outputs: Mapping[str, Any],
+        matching: Matching,
+        context: BatchContext,
+        norms: tuple[float, float],
+    ) -> dict[str, Tensor]:
+        """Final layer (no suffix) and earlier decoder layers (``_aux_i``): class terms on each layer's own
+        match, box and localization terms on the union."""
+        # all decoder layers decode from the same reference points: the final layer's FGL targets serve all
+        fgl = self._fgl(outputs, matching.union, context)
+        layers = [("", "main", outputs)]
+        layers += [(f"_aux_{i}", f"aux_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", ()))]
+        losses = {}
+        for suffix, name, layer in layers:
+            supervision = Supervision(matching.own[name], matching.union, *norms, fgl=fgl)
+            losses.update(self._terms(layer, supervision, context, suffix))
         return losses
 
-    def _pre_losses(self, outputs: Mapping[str, Any], step: _Step) -> dict[str, Tensor]:
+    def _pre_losses(
+        self,
+        outputs: Mapping[str, Any],
+        matching: Matching,
+        context: BatchContext,
+        norms: tuple[float, float],
+    ) -> dict[str, Tensor]:
+        """The pre-decoder head (``_pre``): its own match for classes, the union for boxes."""
         if "pre_outputs" not in outputs:
             return {}
-        pairs = step.matching
-        return self._output_losses(
-            outputs["pre_outputs"],
-            step,
-            pairs.own["pre"],
-            pairs.union,
-            step.num_boxes,
-            step.num_union,
-            None,
-            "_pre",
-        )
+        supervision = Supervision(matching.own["pre"], matching.union, *norms)
+        return self._terms(outputs["pre_outputs"], supervision, context, "_pre")
 
-    def _enc_losses(self, outputs: Mapping[str, Any], step: _Step) -> dict[str, Tensor]:
-        pairs, losses = step.matching, {}
-        labels = torch.zeros_like(step.labels) if _class_agnostic(outputs) else None
+    def _enc_losses(
+        self,
+        outputs: Mapping[str, Any],
+        matching: Matching,
+        context: BatchContext,
+        norms: tuple[float, float],
+    ) -> dict[str, Tensor]:
+        """Encoder proposals (``_enc_i``); a class-agnostic encoder is scored against class 0 for all."""
+        labels = torch.zeros_like(context.labels) if _class_agnostic(outputs) else None
+        losses = {}
         for i, enc in enumerate(outputs.get("enc_aux_outputs", ())):
-            own = pairs.own[f"enc_{i}"]
-            losses.update(
-                self._output_losses(
-                    enc, step, own, pairs.union, step.num_boxes, step.num_union, None, f"_enc_{i}", labels
-                )
-            )
+            supervision = Supervision(matching.own[f"enc_{i}"], matching.union, *norms, labels=labels)
+            losses.update(self._terms(enc, supervision, context, f"_enc_{i}"))
         return losses
 
-    def _dn_losses(self, outputs: Mapping[str, Any], step: _Step) -> dict[str, Tensor]:
+    def _dn_losses(
+        self, outputs: Mapping[str, Any], matching: Matching, context: BatchContext, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Denoising layers (``_dn_i``) and pre head (``_dn_pre``), supervised by the noised-copy pairs."""
         if "dn_outputs" in outputs and "dn_meta" not in outputs:
             raise KeyError(
                 "outputs has 'dn_outputs' but no 'dn_meta'; the criterion needs both to pair them."
             )
         if "dn_meta" not in outputs:
             return {}
-        pairs = step.matching.denoising
+        pairs = matching.denoising
         if pairs is None:
             return self._zero_dn_losses(outputs)
-        # the original normalises by the target count (rank-averaged) times the number of groups
-        num_boxes = step.num_boxes * int(outputs["dn_meta"]["dn_num_group"])
+        # normalised by the (rank-averaged) number of targets times the number of groups, as in the original
+        norm = num_boxes * int(outputs["dn_meta"]["dn_num_group"])
         layers = outputs["dn_outputs"]
-        fgl = self._fgl_targets(layers[0], pairs, step) if layers else None
+        # the original computes the denoising FGL targets once, from the first denoising layer's references
+        fgl = self._fgl(layers[0], pairs, context) if layers else None
         losses = {}
         for i, layer in enumerate(layers):
             losses.update(
-                self._output_losses(layer, step, pairs, pairs, num_boxes, num_boxes, fgl, f"_dn_{i}")
+                self._terms(layer, Supervision(pairs, pairs, norm, norm, fgl=fgl), context, f"_dn_{i}")
             )
         if "dn_pre_outputs" in outputs:
-            pre = outputs["dn_pre_outputs"]
-            losses.update(self._output_losses(pre, step, pairs, pairs, num_boxes, num_boxes, None, "_dn_pre"))
+            supervision = Supervision(pairs, pairs, norm, norm)
+            losses.update(self._terms(outputs["dn_pre_outputs"], supervision, context, "_dn_pre"))
         return losses
 
     def _zero_dn_losses(self, outputs: Mapping[str, Any]) -> dict[str, Tensor]:
-        """The denoising keys as zeros on the regular outputs: a batch without boxes gives no denoising queries,
-        but under DDP every rank must return the same terms from a graph over the same parameters."""
+        """The denoising keys as zeros on the regular outputs.
+
+        A batch without boxes gives no denoising queries, but under DDP every rank must return the same terms
+        from a graph over the same parameters.
+        """
         layers = [*outputs.get("aux_outputs", ()), outputs]
         sources = [(f"_dn_{i}", layer, True) for i, layer in enumerate(layers)]
         if "pre_outputs" in outputs:
@@ -304,159 +296,6 @@ class DFINECriterion(nn.Module):
                 zero = layer[tensor].float().sum() * 0.0
                 losses.update({key + suffix: zero for key in _LOSS_KEYS[name] if key in self.weight_dict})
         return losses
-
-    # ------------------------------------------------------------------------------------------- one output
-    def _output_losses(
-        self,
-        output: Mapping[str, Tensor],
-        step: _Step,
-        class_pairs: Pairs,
-        box_pairs: Pairs,
-        class_norm: float,
-        box_norm: float,
-        fgl_targets: tuple[Tensor, Tensor, Tensor] | None,
-        suffix: str,
-        labels: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """Weighted terms of one output dict, keys suffixed with ``suffix``."""
-        pred_boxes = output["pred_boxes"].float()
-        matched_boxes = pred_boxes[box_pairs.batch_index, box_pairs.query_index]  # [K, 4] cxcywh
-        iou, giou = paired_iou_and_giou(
-            cxcywh_to_xyxy_nonnegative(matched_boxes), step.target_xyxy[box_pairs.target_index]
-        )
-        terms: dict[str, Tensor] = {}
-        for name in self.losses:
-            if name in ("vfl", "focal"):
-                all_labels = step.labels if labels is None else labels
-                terms.update(
-                    self._class_loss(
-                        name, output, step, class_pairs, all_labels, class_norm, box_pairs, iou, giou
-                    )
-                )
-            elif name == "boxes":
-                weight = None
-                if self.boxes_weight_format is not None:
-                    weight = (iou if self.boxes_weight_format == "iou" else giou).detach()
-                targets = step.target_boxes[box_pairs.target_index]
-                terms["loss_bbox"], terms["loss_giou"] = box_losses(
-                    matched_boxes, targets, giou, box_norm, weight
-                )
-            elif name == "local" and "pred_corners" in output:
-                if fgl_targets is None:
-                    raise KeyError(
-                        f"output group '{suffix or 'main'}' has pred_corners but no ref_points source."
-                    )
-                terms.update(self._local_losses(output, step, box_pairs, iou.detach(), box_norm, fgl_targets))
-        return {
-            key + suffix: value * self.weight_dict[key]
-            for key, value in terms.items()
-            if key in self.weight_dict
-        }
-
-    def _class_loss(
-        self,
-        name: str,
-        output: Mapping[str, Tensor],
-        step: _Step,
-        pairs: Pairs,
-        labels: Tensor,
-        num_boxes: float,
-        box_pairs: Pairs,
-        box_iou: Tensor,
-        box_giou: Tensor,
-    ) -> dict[str, Tensor]:
-        matched_labels = labels[pairs.target_index]
-        if name == "focal":
-            loss = sigmoid_focal_loss(
-                output["pred_logits"],
-                pairs.batch_index,
-                pairs.query_index,
-                matched_labels,
-                num_boxes,
-                self.alpha,
-                self.gamma,
-            )
-            return {"loss_focal": loss}
-        if pairs is box_pairs:
-            iou, giou = box_iou, box_giou
-        else:
-            with torch.no_grad():
-                matched = output["pred_boxes"].float()[pairs.batch_index, pairs.query_index]
-                iou, giou = paired_iou_and_giou(
-                    cxcywh_to_xyxy_nonnegative(matched), step.target_xyxy[pairs.target_index]
-                )
-        scores = (giou if self.boxes_weight_format == "giou" else iou).detach()
-        loss = varifocal_loss(
-            output["pred_logits"],
-            pairs.batch_index,
-            pairs.query_index,
-            matched_labels,
-            scores,
-            num_boxes,
-            self.alpha,
-            self.gamma,
-        )
-        return {"loss_vfl": loss}
-
-    def _local_losses(
-        self,
-        output: Mapping[str, Tensor],
-        step: _Step,
-        pairs: Pairs,
-        iou: Tensor,
-        num_boxes: float,
-        fgl_targets: tuple[Tensor, Tensor, Tensor],
-    ) -> dict[str, Tensor]:
-        corners = output["pred_corners"].float()
-        matched = corners[pairs.batch_index, pairs.query_index]  # [K, 4 * R]
-        terms = {"loss_fgl": fine_grained_localization_loss(matched, *fgl_targets, iou, num_boxes)}
-        if "teacher_corners" not in output:
-            return terms
-        if _same_tensor(output["pred_corners"], output["teacher_corners"]):
-            # the final layer is its own teacher: nothing to distil
-            terms["loss_ddf"] = corners.sum() * 0.0
-            return terms
-        teacher_probs, teacher_score = self._teacher(output, step)
-        positive_weight, negative_weight = step.ddf_weights
-        terms["loss_ddf"] = decoupled_distillation_loss(
-            corners,
-            teacher_probs,
-            teacher_score,
-            pairs.batch_index,
-            pairs.query_index,
-            iou,
-            positive_weight,
-            negative_weight,
-            _DISTILLATION_TEMPERATURE,
-        )
-        return terms
-
-    # ---------------------------------------------------------------------------------------------- helpers
-    def _fgl_targets(
-        self, output: Mapping[str, Tensor], pairs: Pairs, step: _Step
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Target bin positions and interpolation weights of the matched targets' edges (FGL)."""
-        if "local" not in self.losses or "pred_corners" not in output:
-            return None
-        if "ref_points" not in output or step.up is None or step.reg_scale is None:
-            raise KeyError("the 'local' loss needs ref_points, up and reg_scale in the model outputs.")
-        with torch.no_grad():
-            ref = output["ref_points"].float()[pairs.batch_index, pairs.query_index]
-            boxes = step.target_xyxy[pairs.target_index]
-            return box_to_distance(ref, boxes, self.reg_max, step.up.float(), step.reg_scale)
-
-    def _teacher(self, output: Mapping[str, Tensor], step: _Step) -> tuple[Tensor, Tensor]:
-        """The final layer's softened distributions [B*Q*4, R] and top class probability [B, Q], computed once
-        per teacher tensor and shared by every layer it teaches."""
-        corners = output["teacher_corners"]
-        key = (corners.data_ptr(), tuple(corners.shape))
-        if key not in step.teachers:
-            with torch.no_grad():
-                num_bins = self.reg_max + 1
-                probs = (corners.float().reshape(-1, num_bins) / _DISTILLATION_TEMPERATURE).softmax(dim=1)
-                score = output["teacher_logits"].float().sigmoid().max(dim=-1).values
-            step.teachers[key] = (probs, score)
-        return step.teachers[key]
 
 
 def _check_losses(losses: Sequence[str], weight_dict: Mapping[str, float]) -> None:
@@ -475,7 +314,8 @@ def _check_losses(losses: Sequence[str], weight_dict: Mapping[str, float]) -> No
     for key in weight_dict:
         if key not in known:
             raise ConfigError(
-                f"weight_dict key '{key}' is not a loss term.{did_you_mean(key, known)} Valid: {', '.join(sorted(known))}."
+                f"weight_dict key '{key}' is not a loss term.{did_you_mean(key, known)} "
+                f"Valid: {', '.join(sorted(known))}."
             )
     for name in losses:
         if not any(key in weight_dict for key in _LOSS_KEYS[name]):
@@ -503,13 +343,8 @@ def _has_denoising(outputs: Mapping[str, Any]) -> bool:
     )
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """Same memory, shape and strides (the model passes the final layer's corners as its own teacher)."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
-
-
 def _average_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
-    """``values`` averaged over the ranks of the default process group (unchanged without one): one all-reduce."""
+    """``values`` averaged over the ranks of the default process group (as is without one); one all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
         return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float32, device=device)

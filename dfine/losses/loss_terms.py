@@ -1,12 +1,12 @@
 """The D-FINE loss formulas, one function per term, on already-matched (prediction, target) pairs.
 
-Matched pairs are given as flat index tensors over the batch: ``batch_index``, ``query_index`` ([K] int64) pick
-predictions, and the matching targets' values are passed in already gathered. Every function computes in float32
-(inputs are upcast) and returns an *unweighted* scalar; the criterion applies ``weight_dict``.
+Matched pairs are given as flat index tensors over the batch: ``batch_index``, ``query_index`` ([K] int64)
+pick predictions, and the matching targets' values are passed in already gathered. Every function computes in
+float32 (inputs are upcast) and returns an *unweighted* scalar; the criterion applies ``weight_dict``.
 
 The formulas follow D-FINE (Peng et al., 2024): varifocal loss with IoU targets, L1 + GIoU on boxes, the
-Fine-Grained Localization loss on the per-edge bin distributions and the Decoupled Distillation Focal loss that
-distils the last decoder layer into the earlier ones (GO-LSD).
+Fine-Grained Localization loss on the per-edge bin distributions and the Decoupled Distillation Focal loss
+that distils the last decoder layer into the earlier ones (GO-LSD).
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def decoupled_distillation_loss(
 ) -> Tensor:
     """DDF: KL divergence of every query's edge distributions to the final layer's, in two weighted halves.
 
-    Each query is weighted by the teacher's confidence (its top class probability), matched queries by their IoU
-    instead. The mean over matched ("positive") edges and the mean over the rest are combined with
+    Each query is weighted by the teacher's confidence (its top class probability), matched queries by their
+    IoU instead. The mean over matched ("positive") edges and the mean over the rest are combined with
     ``positive_weight`` and ``negative_weight`` (D-FINE uses the square roots of the two counts).
 
     Args:

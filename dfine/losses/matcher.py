@@ -4,9 +4,10 @@ The cost of giving target ``n`` to query ``q`` is
 ``cost_class * focal_cost(p[q, label_n]) + cost_bbox * L1(box_q, box_n) + cost_giou * -GIoU(box_q, box_n)``;
 scipy's ``linear_sum_assignment`` picks the cheapest one-to-one assignment per image.
 
-Only the [targets x queries] block of each image is computed (the original computes every query of the batch
-against every target of the batch), in chunks of at most ``max_cost_entries`` entries, and the cost matrices of
-all the outputs being matched (final layer, auxiliary layers, encoder) travel to the host in one copy.
+Only the [targets x queries] block of each image is computed (the original computes every query of the
+batch against every target of the batch), in chunks of at most ``max_cost_entries`` entries, and the cost
+matrices of all the outputs being matched (final layer, auxiliary layers, encoder) travel to the host in one
+copy.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class HungarianMatcher(nn.Module):
     Args:
         weight_dict: ``{cost_class, cost_bbox, cost_giou}`` weights of the three costs (D-FINE: 2, 5, 2).
         use_focal_loss: focal-style class cost on sigmoid probabilities (D-FINE); False uses ``-softmax``.
-            The original's default is False, but every D-FINE config turns it on through a global key, so here it
-            defaults to True.
+            The original's default is False, but every D-FINE config turns it on through a global key, so here
+            it defaults to True.
         alpha, gamma: focal class-cost parameters (D-FINE: 0.25, 2.0).
         max_cost_entries: at most this many cost entries (targets x queries x outputs) are computed at once,
             which bounds the matcher's peak memory (~60 bytes an entry) for images with many targets.
@@ -70,7 +71,8 @@ class HungarianMatcher(nn.Module):
         missing = [name for name in _COST_NAMES if name not in weight_dict]
         if missing:
             raise ConfigError(
-                f"matcher weight_dict is missing {missing}; D-FINE uses cost_class 2, cost_bbox 5, cost_giou 2."
+                f"matcher weight_dict is missing {missing}; D-FINE uses cost_class 2, cost_bbox 5, "
+                "cost_giou 2."
             )
         self.cost_class = float(weight_dict["cost_class"])
         self.cost_bbox = float(weight_dict["cost_bbox"])
@@ -121,7 +123,7 @@ class HungarianMatcher(nn.Module):
             return []
         logits = torch.stack([o["pred_logits"] for o in outputs_list]).float()  # [G, B, Q, C]
         boxes = torch.stack([o["pred_boxes"] for o in outputs_list]).float()  # [G, B, Q, 4]
-        num_outputs, batch_size, num_queries = logits.shape[:3]
+        num_outputs, batch_size = logits.shape[:2]
         if len(targets) != batch_size:
             raise ValueError(f"got {len(targets)} target dicts for a batch of {batch_size} predictions.")
         sizes = [int(t["labels"].shape[0]) for t in targets]

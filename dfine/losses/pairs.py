@@ -1,8 +1,8 @@
 """Matched (query, target) pairs of a batch as flat index tensors, the GO-LSD union and the denoising pairs.
 
-The matcher answers per image on the host; the losses want flat device tensors over the batch. :func:`to_device`
-packs every output's pairs (and the union, and the denoising pairs' host-known parts) into one tensor and moves
-it with a single host->device copy.
+The matcher answers per image on the host; the losses want flat device tensors over the batch.
+:func:`to_device` packs every output's pairs (and the union, and the denoising pairs' host-known parts) into
+one tensor and moves it with a single host->device copy.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ class Matching:
 def union_of_matches(matches: Sequence[list[ImageMatch]]) -> list[ImageMatch]:
     """GO-LSD's union of several outputs' matches, per image.
 
-    Each distinct (query, target) pair is ranked by how many outputs chose it; walking that ranking, a query keeps
-    the first target it meets. Ranking uses ``torch.unique`` + ``torch.argsort`` on CPU exactly as the original
-    does, so ties between equally frequent pairs resolve the same way and the losses stay identical.
+    Each distinct (query, target) pair is ranked by how many outputs chose it; walking that ranking, a query
+    keeps the first target it meets. Ranking uses ``torch.unique`` + ``torch.argsort`` on CPU exactly as the
+    original does, so ties between equally frequent pairs resolve the same way and the losses stay identical
+    (CPU ``argsort`` is not stable, so a stable sort would not).
 
     Args:
         matches: G lists of B ``(query_index, target_index)`` CPU pairs.
@@ -86,11 +87,12 @@ def denoising_matches(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Positive denoising queries and their targets.
 
-    Group ``g`` of image ``b`` holds one noised copy of each of the image's targets, in order, so target ``n`` is
-    repeated ``dn_num_group`` times.
+    Group ``g`` of image ``b`` holds one noised copy of each of the image's targets, in order, so target ``n``
+    is repeated ``dn_num_group`` times.
 
     Args:
-        dn_meta: the model's ``dn_meta`` (``dn_positive_idx``: B [N_b * groups] int64 tensors, ``dn_num_group``).
+        dn_meta: the model's ``dn_meta``: ``dn_positive_idx`` (B [N_b * groups] int64 tensors) and
+            ``dn_num_group``.
         sizes: number of targets of each image.
 
     Returns:
@@ -109,7 +111,7 @@ def denoising_matches(
         if indices.numel() != size * groups:
             raise ValueError(
                 f"dn_meta['dn_positive_idx'][{image}] has {indices.numel()} queries but image {image} has "
-                f"{size} targets x {groups} denoising groups; targets and model outputs come from different batches?"
+                f"{size} targets x {groups} denoising groups; are targets and outputs from different batches?"
             )
         queries.append(indices.reshape(-1).long())
         targets.append(torch.arange(size, dtype=torch.int64).repeat(groups))

@@ -52,7 +52,9 @@ class DFINETransformer(nn.Module):
         label_noise_ratio: twice the label-flip probability of denoising queries.
         box_noise_scale: edge noise of denoising boxes, in half box sizes.
         learn_query_content: learn the query content instead of taking the selected encoder features.
-        eval_spatial_size: (H, W) of eval images; anchors for it are precomputed buffers. Other sizes work.
+        eval_spatial_size: (H, W) of eval images; anchors for it are precomputed buffers. Other input
+            sizes work (anchors computed on the fly and cached), and a checkpoint saved with another eval size
+            loads: its ``anchors`` / ``valid_mask`` are replaced by ours (see :meth:`set_eval_spatial_size`).
         eval_idx: the layer whose outputs eval returns (negative counts from the end).
         eps: anchors closer than this to the image border are invalid.
         aux_loss: add auxiliary, encoder, pre-decoder and denoising outputs in training.
@@ -161,6 +163,7 @@ class DFINETransformer(nn.Module):
         )
 
         self.eval_spatial_size: tuple[int, int] | None = None
+        self._eval_shapes: list[tuple[int, int]] | None = None
         self.set_eval_spatial_size(eval_spatial_size)
         self._reset_parameters(tuple(feat_channels))
 
@@ -204,12 +207,6 @@ class DFINETransformer(nn.Module):
                 nn.init.normal_(self.denoising_class_embed.weight[:-1])
 
     # -------------------------------------------------------------------------------------------- anchors
-    def _eval_spatial_shapes(self) -> list[tuple[int, int]] | None:
-        if self.eval_spatial_size is None:
-            return None
-        height, width = self.eval_spatial_size
-        return [(int(height / stride), int(width / stride)) for stride in self.feat_strides]
-
     def set_eval_spatial_size(self, eval_spatial_size: Sequence[int] | None) -> None:
         """Precompute the ``anchors`` / ``valid_mask`` buffers for (H, W) eval images (None removes them).
 
@@ -221,17 +218,21 @@ class DFINETransformer(nn.Module):
                 raise ValueError(f"eval_spatial_size must be (H, W), got {eval_spatial_size!r}")
             eval_spatial_size = (int(eval_spatial_size[0]), int(eval_spatial_size[1]))
         self.eval_spatial_size = eval_spatial_size
-        shapes = self._eval_spatial_shapes()
-        if shapes is None:
+        if eval_spatial_size is None:
+            self._eval_shapes = None
             self._buffers.pop("anchors", None)
             self._buffers.pop("valid_mask", None)
             return
-        device = self.up.device
-        anchors, valid_mask = make_anchors(shapes, self.eps, device=device)
+        height, width = eval_spatial_size
+        # Feature maps of an (H, W) image are (H / stride, W / stride), rounded down as in the original.
+        self._eval_shapes = [(int(height / stride), int(width / stride)) for stride in self.feat_strides]
+        anchors, valid_mask = make_anchors(self._eval_shapes, self.eps, device=self.up.device)
         self.register_buffer("anchors", anchors)  # [1, S, 4] inverse-sigmoid cxcywh, inf where invalid
         self.register_buffer("valid_mask", valid_mask)  # [1, S, 1] bool
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ) -> None:
         # Anchors follow from eval_spatial_size and the strides, so a checkpoint saved at another eval size
         # still loads: its anchors are replaced by ours (or dropped when we keep none).
         for name in ("anchors", "valid_mask"):
@@ -260,7 +261,7 @@ class DFINETransformer(nn.Module):
         self, spatial_shapes: list[tuple[int, int]], device: torch.device
     ) -> tuple[Tensor, Tensor]:
         """Anchors [1, S, 4] and valid mask [1, S, 1] for these feature shapes (buffers when they match)."""
-        if "anchors" in self._buffers and spatial_shapes == self._eval_spatial_shapes():
+        if spatial_shapes == self._eval_shapes:
             return self.anchors, self.valid_mask
         key = (tuple(spatial_shapes), device, torch.is_inference_mode_enabled())
         cached = self._anchor_cache.get(key)
@@ -284,8 +285,15 @@ class DFINETransformer(nn.Module):
         memory = torch.cat([level.flatten(2).transpose(1, 2) for level in levels], dim=1)  # [B, S, D]
         return memory, spatial_shapes
 
-    def _encoder_queries(self, memory: Tensor, spatial_shapes: list[tuple[int, int]]):
-        """Top-Q encoder cells: (content [B, Q, D], box logits [B, Q, 4], enc boxes, enc logits)."""
+    def _encoder_queries(
+        self, memory: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Top-Q encoder cells as queries.
+
+        Returns:
+            ``(content [B, Q, D], reference box logits [B, Q, 4] (detached), encoder boxes [B, Q, 4] cxcywh,
+            encoder logits [B, Q, C])``; the last two only in training (for the encoder loss).
+        """
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
         memory = valid_mask.to(memory.dtype) * memory
         enc_memory = self.enc_output(memory)  # [B, S, D]

@@ -23,9 +23,10 @@ class DFINE(nn.Module):
 
     def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
+        # Assignment order fixes the state-dict order: the original checkpoints list decoder before encoder.
         self.backbone = backbone
-        self.encoder = encoder
         self.decoder = decoder
+        self.encoder = encoder
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Detect objects.
