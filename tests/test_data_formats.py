@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,25 @@ def test_crowd_boxes_are_not_training_targets_and_empty_images_are_kept(tmp_path
     assert dataset.load_item(0)[1]["labels"].tolist() == [2]
     assert len(dataset) == 3 and len(dataset.load_item(2)[1]["labels"]) == 0
     assert dataset.to_coco_dict()["annotations"][0]["iscrowd"] == 1
+
+
+def test_convert_tools_write_coco_json_equal_to_the_original(three_formats, tmp_path, monkeypatch, capsys):
+    tools = Path(__file__).resolve().parents[1] / "tools" / "dataset"
+    images = tmp_path / "images" / "train"
+    runs = {
+        "convert_yolo.py": ["--img-folder", str(images), "--names", str(tmp_path / "data.yaml")],
+        "convert_voc.py": ["--root", str(tmp_path / "voc")],
+    }
+    for script, args in runs.items():
+        out = tmp_path / f"{script}.json"
+        monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
+        runpy.run_path(str(tools / script), run_name="__main__")
+        folder = images if script == "convert_yolo.py" else tmp_path / "voc"
+        converted = CocoDetection(str(folder), str(out))
+        for index in range(3):
+            expected, got = three_formats["coco"].load_item(index)[1], converted.load_item(index)[1]
+            torch.testing.assert_close(expected["labels"], got["labels"])
+            torch.testing.assert_close(
+                expected["boxes"].as_subclass(torch.Tensor), got["boxes"].as_subclass(torch.Tensor)
+            )
+    assert "-> OK" in capsys.readouterr().out

@@ -99,6 +99,26 @@ def test_iou_crop_then_sanitize_keeps_boxes_on_their_pixels():
     assert cropped > 5, "RandomIoUCrop(p=1) should crop most of the time"
 
 
+def test_iou_crop_search_draws_crops_like_torchvision():
+    """The batched search keeps torchvision's distribution (share left whole, crop size, boxes kept)."""
+    import torchvision.transforms.v2 as T
+
+    def stats(transform) -> list[float]:
+        torch.manual_seed(0)
+        whole, widths, kept = 0, [], []
+        for _ in range(800):
+            image, target = transform(*_sample())
+            whole += image.size == (64, 48)
+            if image.size != (64, 48):
+                widths.append(image.size[0] / 64)
+                kept.append(float((target["boxes"][:, 2] > target["boxes"][:, 0]).float().mean()))
+        return [whole / 800, float(np.mean(widths)), float(np.mean(kept))]
+
+    ours = stats(_build({"type": "RandomIoUCrop", "p": 1.0}))
+    reference = stats(T.RandomIoUCrop())
+    np.testing.assert_allclose(ours, reference, atol=0.05)
+
+
 def test_iou_crop_with_p_zero_never_crops():
     crop = _build({"type": "RandomIoUCrop", "p": 0.0})
     assert all(crop(*_sample())[0].size == (64, 48) for _ in range(10))

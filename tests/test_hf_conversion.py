@@ -8,6 +8,7 @@ its 300 queries enough encoder cells; S runs at 160 pixels.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,3 +304,22 @@ def test_missing_transformers_gives_an_import_error_naming_the_extra(monkeypatch
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[hf\]"'):
         hf_config_from_dfine_config(load("tiny"))
+
+
+def test_convert_weights_tool_goes_both_ways_and_fails_above_tolerance(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    pair = tiny_pair()
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"ema": {"module": pair.ours_state}, "model": {}, "last_epoch": 3}, checkpoint)
+    config = ["-c", str(ROOT / "configs/dfine/dfine_hgnetv2_s_coco.yml")]
+    overrides = ["-u", *TINY, "eval_spatial_size=[64, 64]"]
+    assert tool.main([*config, "-i", str(checkpoint), "-o", str(tmp_path / "hf"), *overrides]) == 0
+    back = tmp_path / "back.pth"
+    assert tool.main([*config, "-i", str(tmp_path / "hf"), "-o", str(back), *overrides]) == 0
+    state = torch.load(back, weights_only=True)["model"]
+    assert set(state) == set(pair.ours_state)
+    assert all(torch.equal(state[key], value) for key, value in pair.ours_state.items())
+    failing = [*config, "-i", str(checkpoint), "-o", str(tmp_path / "hf2"), "--tolerance", "0", *overrides]
+    assert tool.main(failing) == 1

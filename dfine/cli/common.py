@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from ..config import Config, load_config
+from ..engine.distributed import setup_logging
 from ..registry import ConfigError
 
 __all__ = ["add_config_arguments", "config_from_args", "run_cli"]
@@ -36,7 +36,7 @@ def config_from_args(args: argparse.Namespace, extra_overrides: Sequence[str] = 
 
 def run_cli(main_body, argv: Sequence[str] | None) -> int:  # type: ignore[no-untyped-def]
     """Run ``main_body(argv)``; config mistakes exit with code 2 and one readable message, not a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(None)  # console on rank 0; the trainer adds output_dir/train.log
     try:
         return int(main_body(argv) or 0)
     except (ConfigError, FileNotFoundError) as error:

@@ -7,19 +7,22 @@ Examples:
     dfine-train -c CFG -t dfine_s_obj365.pth        # fine-tune from weights (class heads re-initialised)
     torchrun --nproc_per_node=4 -m dfine.train -c CFG
     dfine-train -c CFG --print-config               # show the fully resolved config and exit
+    dfine-train -c CFG --check-data                 # check images and annotations, exit 0 when trainable
+    dfine-train -c CFG --show-batch 2               # draw 2 augmented training batches to output_dir
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..builder import build_model
-from ..config import dump_config
+from ..config import Config, dump_config
 from .common import add_config_arguments, config_from_args, run_cli
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "flag_overrides", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,38 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         metavar="PATH|auto",
-        help="resume everything (weights, optimizer, schedules, EMA, epoch, RNG) from a checkpoint; "
-        "'auto' uses output_dir/last.pth when present",
+        help="continue a run: weights, optimizer, schedules, EMA, epoch and RNG from a checkpoint; "
+        "'auto' uses output_dir/last.pth when present and starts fresh otherwise",
     )
     start.add_argument(
         "-t",
         "--tune",
         default=None,
         metavar="PATH",
-        help="start from these weights only (fine-tuning); mismatched class heads are re-initialised",
+        help="start a new run from these weights (fine-tuning); other-sized class heads are re-initialised",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible runs")
     parser.add_argument("--use-amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    parser.add_argument(
-        "--output-dir", default=None, help="where checkpoints and logs go (overrides output_dir)"
-    )
-    parser.add_argument("--test-only", action="store_true", help="only evaluate the model on the val set")
+    parser.add_argument("--output-dir", default=None, help="where checkpoints and logs go (sets output_dir)")
+    parser.add_argument("--test-only", action="store_true", help="only evaluate (use with -r or -t)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "--check-data", action="store_true", help="check the datasets and exit (0 = trainable)"
     )
     parser.add_argument(
-        "--show-batch",
-        type=int,
-        default=0,
-        metavar="N",
-        help="write N augmented training batches as pictures and exit",
+        "--show-batch", type=int, default=0, metavar="N", help="draw N augmented training batches and exit"
     )
     return parser
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """Flags that are shorthands for config keys, as ``key=value`` overrides."""
+    """Flags that are shorthands for config keys, as ``key=value`` overrides (they win over -u)."""
     overrides = []
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -77,20 +74,59 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def check_data(cfg: Config) -> int:
+    """Print a report for the training and validation datasets; 0 when both can be trained on."""
+    from ..data import build_dataloader, check_dataset
+
+    ok = True
+    for split in ("train", "val"):
+        block = cfg.get(f"{split}_dataloader")
+        if block is None:
+            continue
+        loader = build_dataloader(
+            block, split=split, num_classes=cfg.get("num_classes"), where=cfg.where(split)
+        )
+        report = check_dataset(loader.dataset)
+        print(f"[{split}]")
+        for line in report.summary_lines():
+            print(f"  {line}")
+        ok = ok and report.ok
+    print("data check passed" if ok else "data check FAILED: fix the errors above before training")
+    return 0 if ok else 1
+
+
+def show_batches(cfg: Config, num_batches: int) -> int:
+    from ..data import build_dataloader, save_batch_pictures
+
+    loader = build_dataloader(
+        cfg["train_dataloader"], split="train", seed=cfg.get("seed") or 0, num_classes=cfg.get("num_classes")
+    )
+    loader.set_epoch(0)
+    out_dir = Path(cfg.get("output_dir") or "./output/run") / "batches"
+    for path in save_batch_pictures(loader, num_batches, out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, flag_overrides(args))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    model = build_model(cfg)
-    num_parameters = sum(p.numel() for p in model.parameters())
-    print(f"built {type(model).__name__} with {num_parameters:,} parameters from {args.config}")
-    print(
-        "training is not available yet in this version: use --print-config to inspect the config",
-        file=sys.stderr,
-    )
-    return 1
+    if args.check_data:
+        return check_data(cfg)
+    if args.show_batch:
+        return show_batches(cfg, args.show_batch)
+
+    from ..engine.trainer import Trainer
+
+    trainer = Trainer(cfg, resume=args.resume, tune=args.tune)
+    metrics = trainer.evaluate() if args.test_only else trainer.fit()
+    if trainer.context.is_main:
+        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        print(json.dumps(summary, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from torchvision.transforms.v2.functional import convert_bounding_box_format
 from dfine.data.epoch import SharedEpoch, WorkerReseeder
 from dfine.data.image_io import UnreadableImageError, load_image, read_image_size
 from dfine.data.label_map import LabelMap
+from dfine.ops.box_ops import box_xyxy_to_cxcywh
 
 __all__ = ["AnnotationTable", "DetectionDataset", "Target", "boxes_for_image"]
 
@@ -286,16 +287,7 @@ def finalize_sample(image: Any, target: dict[str, Any]) -> tuple[Tensor, dict[st
     boxes = target.get("boxes")
     if isinstance(boxes, tv_tensors.BoundingBoxes):
         height, width = boxes.canvas_size
-        xyxy = _to_xyxy(boxes)
-        cxcywh = torch.stack(
-            [
-                (xyxy[:, 0] + xyxy[:, 2]) / 2,
-                (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                xyxy[:, 2] - xyxy[:, 0],
-                xyxy[:, 3] - xyxy[:, 1],
-            ],
-            dim=1,
-        )
+        cxcywh = box_xyxy_to_cxcywh(_to_xyxy(boxes))  # [N, 4] pixels
         target["boxes"] = cxcywh / torch.tensor([width, height, width, height], dtype=cxcywh.dtype)
     elif isinstance(boxes, Tensor):
         target["boxes"] = boxes.as_subclass(Tensor)

@@ -41,11 +41,16 @@ def evaluate(
     loader: Any,
     device: torch.device,
     evaluator: CocoEvaluator | None = None,
+    category_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader``'s dataset, gathered over all ranks.
 
     Labels are mapped back to the dataset's category ids and boxes to its original image pixels, so the result
     is comparable with any other detector scored on the same annotation file.
+
+    Args:
+        category_ids: the category id of each label the model predicts (from the checkpoint's label map);
+            default: the dataset's own label map.
 
     Returns:
         ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``, ``AR10``, ``AR100``, ... in 0..1, plus
@@ -56,7 +61,7 @@ def evaluate(
         evaluator = CocoEvaluator(dataset.to_coco_dict())
     else:
         evaluator.reset()
-    category_of_label = torch.tensor(dataset.label_map.category_ids, device=device)
+    category_of_label = torch.tensor(category_ids or dataset.label_map.category_ids, device=device)
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):

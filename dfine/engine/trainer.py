@@ -66,14 +66,9 @@ def _move_targets(targets: list[dict[str, Any]], device: torch.device) -> list[d
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
-    """Tell the sampler (shuffling), dataset (augmentation policy) and collate (multi-scale) the epoch."""
-    for part in (
-        getattr(loader, "sampler", None),
-        getattr(loader, "dataset", None),
-        getattr(loader, "collate_fn", None),
-    ):
-        if part is not None and hasattr(part, "set_epoch"):
-            part.set_epoch(epoch)
+    """Shuffling, the augmentation policy and multi-scale all follow the epoch number."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
 
 
 class Trainer:
@@ -320,6 +315,7 @@ class Trainer:
             count += 1
         self.lr_schedule.epoch_step()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats["loss"] = sum(stats.values())
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
@@ -499,10 +495,14 @@ class Trainer:
         )
 
 
+# The epoch summary shows these; every term is in metrics.jsonl / TensorBoard.
+_SUMMARY_KEYS = ("loss", "loss_vfl", "loss_bbox", "loss_giou", "loss_fgl", "lr", "val_AP", "val_AP50", "time")
+
+
 def _format_record(record: Mapping[str, Any]) -> str:
-    parts = []
-    for key, value in record.items():
-        if key in ("epoch",):
-            continue
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    parts = [f"stage {record.get('stage', 1)}"]
+    for key in _SUMMARY_KEYS:
+        value = record.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
     return ", ".join(parts)
