@@ -116,12 +116,12 @@ def layout_facts(cfg: Mapping[str, Any] | DFineConfig) -> LayoutFacts:
 
 
 def _backbone_config(transformers: Any, backbone: Mapping[str, Any]) -> Any:
-    from .models.hgnetv2 import _VARIANTS
+    from .models.hgnetv2 import VARIANTS
 
     name = backbone["name"]
-    if name not in _VARIANTS:
-        raise ValueError(f"model.backbone.name {name!r} is not an HGNetv2 variant ({', '.join(_VARIANTS)}).")
-    variant = _VARIANTS[name]
+    if name not in VARIANTS:
+        raise ValueError(f"model.backbone.name {name!r} is not an HGNetv2 variant ({', '.join(VARIANTS)}).")
+    variant = VARIANTS[name]
     stages = variant.stages
     out_channels = [stage.out_channels for stage in stages]
     return transformers.HGNetV2Config(

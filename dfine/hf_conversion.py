@@ -13,6 +13,13 @@ same numbers under other names, with three differences of layout:
   the way back. Backbone ``num_batches_tracked`` exist on a side only when its backbone BatchNorms are not
   frozen (our ``freeze_norm``, HF's ``freeze_backbone_batch_norms``): they are dropped, or added as zeros.
 
+Files written by ``save_pretrained`` (and HF hub checkpoints) use transformers' older module names
+(``out_proj``, ``fc1``/``fc2``, ``encoder.encoder``); :func:`hf_to_dfine_state_dict` reads both spellings.
+
+Outputs agree (to ~1e-5) for square inputs only: for an H != W feature map the HF port numbers the encoder's
+position embedding row by row, while the original D-FINE (and so our model and every published checkpoint)
+uses its own ordering, which equals the row-major one only when H == W.
+
 The key table below was derived by building both models for the same architecture and matching key lists and
 shapes; the parity tests (tests/test_hf_conversion.py) check it by running both models on the same weights.
 
@@ -210,10 +217,10 @@ def dfine_to_hf_state_dict(
 ) -> dict[str, Tensor]:
     """Convert a state dict from our (= original D-FINE) layout to ``DFineForObjectDetection``'s.
 
-    Tensors are carried over unchanged (views, no copies) except the fused attention projections, which are
-    split into query/key/value rows. ``decoder.anchors`` / ``decoder.valid_mask`` are dropped (HF computes
-    anchors itself), and backbone ``num_batches_tracked`` are dropped when the config freezes the backbone
-    BatchNorms (HF's frozen BatchNorm has none).
+    Tensors are carried over unchanged (the same objects) except the fused attention projections, which are
+    split into query/key/value rows (copies). ``decoder.anchors`` / ``decoder.valid_mask`` are dropped (HF
+    computes anchors itself), and backbone ``num_batches_tracked`` are dropped when the config freezes the
+    backbone BatchNorms (HF's frozen BatchNorm has none).
 
     Args:
         sd: our state dict (``model.state_dict()``, ``checkpoint["model"]`` or
@@ -237,15 +244,14 @@ def dfine_to_hf_state_dict(
             continue
         fused = _FUSED.match(key)
         if fused:
-            key_hf = _rename(
-                fused.group(1) + "out_proj.weight", to_hf=True
-            )  # locate the layer through a sibling
+            # the layer's HF prefix, found through the sibling output projection
+            key_hf = _rename(fused.group(1) + "out_proj.weight", to_hf=True)
             if not key_hf:
                 unknown.append(key)
                 continue
             prefix = key_hf[0][: -len("o_proj.weight")]
             for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
-                _put(result, f"{prefix}{name}_proj.{fused.group(2)}", part, key)
+                _put(result, f"{prefix}{name}_proj.{fused.group(2)}", part.clone(), key)
             continue
         targets = _rename(key, to_hf=True)
         if not targets:

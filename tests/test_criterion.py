@@ -362,7 +362,7 @@ def test_ranks_share_keys_and_normalisers_when_one_rank_has_no_boxes(tmp_path: P
     import torch.multiprocessing as mp
 
     args = (str(tmp_path / "init"), str(tmp_path))
-    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     busy, idle = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
     assert list(busy["ddp"]) == list(idle["ddp"]) == list(busy["alone"])
     # rank 0 alone divides by its own counts; under DDP by the average over both ranks (half of them)

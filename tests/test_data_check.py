@@ -143,3 +143,21 @@ def test_empty_pipeline_output_still_meets_the_target_contract(bad_dataset):
     image, target = finalize_sample(*bad_dataset.load_item(0))
     assert image.dtype == torch.float32 and target["boxes"].shape == (2, 4)
     assert target["image_id"].dtype == torch.int64 and target["orig_size"].tolist() == [64, 48]
+
+
+def test_malformed_bbox_entries_are_reported_not_fatal(tmp_path):
+    (tmp_path / GOOD).write_bytes(_jpeg_bytes(0))
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2], "area": 1},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": None},
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 8]},
+    ]
+    document = {
+        "images": [{"id": 1, "file_name": GOOD, "width": 64, "height": 48}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(document))
+    dataset = CocoDetection(str(tmp_path), str(tmp_path / "ann.json"))
+    assert check_dataset(dataset).count("degenerate") == 2
+    assert dataset.load_item(0)[1]["boxes"].tolist() == [[4.0, 4.0, 12.0, 12.0]]

@@ -106,17 +106,17 @@ def test_iou_crop_search_draws_crops_like_torchvision():
     def stats(transform) -> list[float]:
         torch.manual_seed(0)
         whole, widths, kept = 0, [], []
-        for _ in range(800):
+        for _ in range(500):
             image, target = transform(*_sample())
             whole += image.size == (64, 48)
             if image.size != (64, 48):
                 widths.append(image.size[0] / 64)
                 kept.append(float((target["boxes"][:, 2] > target["boxes"][:, 0]).float().mean()))
-        return [whole / 800, float(np.mean(widths)), float(np.mean(kept))]
+        return [whole / 500, float(np.mean(widths)), float(np.mean(kept))]
 
     ours = stats(_build({"type": "RandomIoUCrop", "p": 1.0}))
     reference = stats(T.RandomIoUCrop())
-    np.testing.assert_allclose(ours, reference, atol=0.05)
+    np.testing.assert_allclose(ours, reference, atol=0.06)
 
 
 def test_iou_crop_with_p_zero_never_crops():
@@ -229,13 +229,13 @@ def test_multi_scale_batches_vary_until_stop_epoch_then_keep_the_input_size():
     collate = BatchImageCollateFunction(
         base_size=320, base_size_repeat=3, stop_epoch=4, ema_restart_decay=0.999
     )
-    items = [(torch.rand(3, 320, 320), {"labels": torch.tensor([0])}) for _ in range(2)]
+    items = [(torch.rand(3, 8, 8), {"labels": torch.tensor([0])}) for _ in range(2)]
     random.seed(0)
     collate.set_epoch(3)
     sizes = {collate(items)[0].shape[-1] for _ in range(60)}
     assert len(sizes) > 3 and sizes <= set(multi_scale_sizes(320, 3))
     collate.set_epoch(4)
-    assert {collate(items)[0].shape[-1] for _ in range(20)} == {320}
+    assert {collate(items)[0].shape[-1] for _ in range(20)} == {8}
     assert BatchImageCollateFunction(base_size_repeat=None).multi_scale_active(0) is False
 
 
@@ -289,3 +289,32 @@ def test_mosaic_from_cache_needs_no_dataset_and_keeps_the_first_image_id():
         _, target = mosaic(*_sample())
     assert len(mosaic._cache) == 3 and target["image_id"].item() == 1
     assert len(target["labels"]) == target["boxes"].shape[0]
+
+
+def test_validation_pipeline_runs_on_a_bare_image_for_prediction():
+    val = build_transforms(
+        {
+            "type": "Compose",
+            "ops": [
+                {"type": "Resize", "size": [32, 32], "keep_ratio": True, "fill": 114},
+                {"type": "ConvertPILImage", "dtype": "float32", "scale": True},
+            ],
+        }
+    )
+    image, _ = _sample(64, 32)
+    tensor = val(image)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    torch.testing.assert_close(tensor[:, 20:, :], torch.full((3, 12, 32), 114 / 255))
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "Resize", "size": [32, 32], "keep_ratio": True, "max_size": 64},
+        {"type": "ConvertBoxes", "fmt": "xywhn"},
+        {"type": "ConvertPILImage", "dtype": "float16"},
+    ],
+)
+def test_invalid_transform_arguments_are_config_errors(block):
+    with pytest.raises(ConfigError, match=block["type"]):
+        build_transforms({"type": "Compose", "ops": [block]})

@@ -1,10 +1,10 @@
 """Data-loader throughput: dfine's training loader next to a plain PIL + torchvision v2 pipeline.
 
 Both read the quickstart set (generated on first use), apply the full D-FINE training augmentation
-(photometric distortion, zoom-out, IoU crop, sanitize, flip, resize to 640 x 640, to float, boxes to normalised
-cxcywh) and yield batches of 8. The reference is what one would write by hand: ``Image.open().convert("RGB")``,
-a ``torchvision.transforms.v2.Compose`` of the same ops and a stacking collate. Each setting runs twice,
-alternating, and the faster run is reported (the machine may be shared).
+(photometric distortion, zoom-out, IoU crop, sanitize, flip, resize to 640 x 640, to float, boxes to
+normalised cxcywh) and yield batches of 8. The reference is what one would write by hand:
+``Image.open().convert("RGB")``, a ``torchvision.transforms.v2.Compose`` of the same ops and a stacking
+collate. Each setting runs twice, alternating, and the faster run is reported (the machine may be shared).
 
 Example:
     python tools/benchmark_data.py                      # 0 and 2 workers, 50 batches each

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
 from dfine.data.epoch import SharedEpoch, WorkerReseeder
-from dfine.data.image_io import UnreadableImageError, load_image, read_image_size
+from dfine.data.image_io import load_image, try_read_image_size
 from dfine.data.label_map import LabelMap
 from dfine.ops.box_ops import box_xyxy_to_cxcywh
 
@@ -237,7 +237,7 @@ class DetectionDataset(Dataset):
         for index in range(len(table)):
             width, height = (int(v) for v in table.declared_sizes[index])
             if width <= 0 or height <= 0:
-                width, height = _size_or_unknown(self.image_path(index))
+                width, height = try_read_image_size(self.image_path(index)) or (-1, -1)
             images.append(
                 {
                     "id": int(table.image_ids[index]),
@@ -292,13 +292,6 @@ def finalize_sample(image: Any, target: dict[str, Any]) -> tuple[Tensor, dict[st
     elif isinstance(boxes, Tensor):
         target["boxes"] = boxes.as_subclass(Tensor)
     return image, target
-
-
-def _size_or_unknown(path: str) -> tuple[int, int]:
-    try:
-        return read_image_size(path)
-    except (FileNotFoundError, UnreadableImageError):
-        return -1, -1
 
 
 def _to_xyxy(boxes: tv_tensors.BoundingBoxes) -> Tensor:

@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.label_map import LabelMap
 from dfine.registry import DATASETS, ConfigError
@@ -72,49 +74,58 @@ def parse_coco(ann_file: str) -> tuple[AnnotationTable, LabelMap, int]:
     label_map = LabelMap(categories, source=ann_file)
 
     images = sorted(data["images"], key=lambda image: int(image["id"]))
-    position = {int(image["id"]): index for index, image in enumerate(images)}
-    rows: list[list[tuple[float, float, float, float, int, bool, float, int]]] = [[] for _ in images]
-    orphans = 0
-    for number, annotation in enumerate(annotations):
-        index = position.get(int(annotation.get("image_id", -1)))
-        if index is None:
-            orphans += 1
-            continue
-        x, y, w, h = _bbox(annotation.get("bbox"))
-        area = annotation.get("area")
-        rows[index].append(
-            (
-                x,
-                y,
-                w,
-                h,
-                int(annotation.get("category_id", -1)),
-                bool(annotation.get("iscrowd", 0)),
-                float(area) if area is not None else w * h,
-                int(annotation.get("id", number)),
-            )
-        )
+    image_ids = np.array([int(image["id"]) for image in images], dtype=np.int64)
+    # Vectorised: COCO train has ~860k annotations, Objects365 ~25M; a Python row per box takes minutes.
+    owner = np.fromiter((int(a.get("image_id", -1)) for a in annotations), np.int64, len(annotations))
+    position = np.searchsorted(image_ids, owner).clip(max=max(len(image_ids) - 1, 0))
+    known = image_ids[position] == owner if len(image_ids) else np.zeros(len(owner), dtype=bool)
+    orphans = int((~known).sum())
     if orphans:
         logger.warning(
             "%s: %d annotations refer to image ids that are not in 'images'; skipped.", ann_file, orphans
         )
-    table = AnnotationTable.from_lists(
-        [
-            (int(i["id"]), str(i["file_name"]), int(i.get("width", -1)), int(i.get("height", -1)))
-            for i in images
-        ],
-        rows,
+    boxes = _boxes([a.get("bbox") for a in annotations])
+    areas = np.fromiter((_number(a.get("area")) for a in annotations), np.float64, len(annotations))
+    areas = np.where(np.isnan(areas), boxes[:, 2] * boxes[:, 3], areas)
+    order = np.argsort(position[known], kind="stable")  # group rows by image, file order within an image
+    rows = np.flatnonzero(known)[order]
+    table = AnnotationTable(
+        image_ids=image_ids,
+        file_names=np.array([str(image["file_name"]).encode() for image in images], dtype=np.bytes_),
+        declared_sizes=np.array(
+            [(int(i.get("width", -1)), int(i.get("height", -1))) for i in images], dtype=np.int64
+        ).reshape(-1, 2),
+        offsets=np.concatenate([[0], np.cumsum(np.bincount(position[known], minlength=len(images)))]).astype(
+            np.int64
+        ),
+        boxes_xywh=boxes[rows].astype(np.float32),
+        category_ids=np.fromiter((int(a.get("category_id", -1)) for a in annotations), np.int64)[rows],
+        iscrowd=np.fromiter((bool(a.get("iscrowd", 0)) for a in annotations), bool)[rows],
+        areas=areas[rows].astype(np.float32),
+        annotation_ids=np.fromiter((int(a.get("id", k)) for k, a in enumerate(annotations)), np.int64)[rows],
     )
     return table, label_map, orphans
 
 
+def _boxes(values: list[Any]) -> np.ndarray:
+    """[A, 4] ``x, y, w, h``; a malformed entry becomes a zero-size box (the check reports it)."""
+    try:
+        boxes = np.asarray(values, dtype=np.float64).reshape(len(values), 4)
+    except (TypeError, ValueError):
+        boxes = np.array([_bbox(value) for value in values], dtype=np.float64).reshape(-1, 4)
+    return boxes
+
+
 def _bbox(value: Any) -> tuple[float, float, float, float]:
-    """``[x, y, w, h]``; a malformed entry becomes a zero-size box (the check reports it)."""
     try:
         x, y, w, h = (float(v) for v in value)
     except (TypeError, ValueError):
         return 0.0, 0.0, 0.0, 0.0
     return x, y, w, h
+
+
+def _number(value: Any) -> float:
+    return float(value) if value is not None else float("nan")
 
 
 def _read_json(path: str) -> Any:

@@ -12,7 +12,7 @@ import threading
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["UnreadableImageError", "exif_orientation", "load_image", "read_image_size"]
+__all__ = ["UnreadableImageError", "exif_orientation", "load_image", "read_image_size", "try_read_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     except (OSError, ValueError) as error:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from error
     return width, height
+
+
+def try_read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """`read_image_size`, or None for a missing or unreadable file (the dataset check reports those)."""
+    try:
+        return read_image_size(path)
+    except (FileNotFoundError, UnreadableImageError):
+        return None
 
 
 def load_image(path: str | os.PathLike, *, allow_truncated: bool = True) -> Image.Image:

@@ -58,6 +58,7 @@ class LabelMap:
         self._category_ids = sorted(by_id)
         self._names = [by_id[i] for i in self._category_ids]
         self._label_of = {category_id: label for label, category_id in enumerate(self._category_ids)}
+        self._sorted_ids = np.asarray(self._category_ids, dtype=np.int64)
 
     @classmethod
     def from_names(cls, names: Sequence[str], source: str = "") -> LabelMap:
@@ -106,9 +107,6 @@ class LabelMap:
         """``(category_id, name)`` indexed by label."""
         return list(zip(self._category_ids, self._names, strict=True))
 
-    def has_category(self, category_id: int) -> bool:
-        return category_id in self._label_of
-
     def category_to_label(self, category_id: int) -> int:
         """Contiguous label of ``category_id``; KeyError naming the known ids when it is not in the map."""
         try:
@@ -121,11 +119,11 @@ class LabelMap:
 
     def labels_for(self, category_ids: np.ndarray) -> np.ndarray:
         """Vectorised `category_to_label`: int64 [N] category ids -> int64 [N] labels, -1 for unknown ids."""
-        known = np.asarray(self._category_ids, dtype=np.int64)
         category_ids = np.asarray(category_ids, dtype=np.int64)
-        position = np.searchsorted(known, category_ids).clip(max=max(len(known) - 1, 0))
-        found = known[position] == category_ids if len(known) else np.zeros(category_ids.shape, dtype=bool)
-        return np.where(found, position, -1).astype(np.int64)
+        if not len(self._sorted_ids):
+            return np.full(category_ids.shape, -1, dtype=np.int64)
+        position = np.searchsorted(self._sorted_ids, category_ids).clip(max=len(self._sorted_ids) - 1)
+        return np.where(self._sorted_ids[position] == category_ids, position, -1).astype(np.int64)
 
     def label_to_category(self, label: int) -> int:
         """Category id of contiguous ``label`` (0..C-1)."""

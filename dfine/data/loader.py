@@ -51,24 +51,15 @@ _LOADER_KEYS: dict[str, Any] = {
 class DataLoader(torch.utils.data.DataLoader):
     """``torch.utils.data.DataLoader`` forwarding the epoch to its sampler, dataset and collate function."""
 
-    def __init__(self, *args: Any, seed: int = 0, rank: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seed = seed
-        self.rank = rank
-        self.epoch = -1
+    epoch: int = -1
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before iterating each epoch: reshuffles, switches augmentation per the stop-epoch policy and
-        multi-scale's ``stop_epoch``, and reseeds workers from ``(seed, rank, epoch)``."""
+        """Call before each epoch: reshuffles (seed + epoch), applies the stop-epoch policy and multi-scale's
+        ``stop_epoch``, and makes the workers reseed from ``(seed, rank, epoch)``."""
         self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        if hasattr(self.collate_fn, "set_epoch"):
-            self.collate_fn.set_epoch(epoch)
-        if self.generator is not None:
-            self.generator.manual_seed(mix_seed(self.seed, self.rank, epoch))
+        for part in (self.sampler, self.dataset, self.collate_fn):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
 
 
 class ShardSampler(Sampler[int]):
@@ -119,6 +110,12 @@ def check_dataloader_block(block: Mapping[str, Any], where: str = "") -> None:
     Raises:
         ConfigError: naming the key path and the closest valid name.
     """
+    _check_keys(block, where)
+    build_transforms(block["dataset"].get("transforms"), where=f"{where}.dataset.transforms")
+    COLLATORS.build(block.get("collate_fn") or _LOADER_KEYS["collate_fn"], where=f"{where}.collate_fn")
+
+
+def _check_keys(block: Mapping[str, Any], where: str) -> None:
     if not isinstance(block, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {block!r}.")
     for key in block:
@@ -133,8 +130,6 @@ def check_dataloader_block(block: Mapping[str, Any], where: str = "") -> None:
     if not isinstance(dataset, Mapping):
         raise ConfigError(f"{where}.dataset: expected a {{type: CocoDetection, ...}} block, got {dataset!r}.")
     DATASETS.check_block(dataset, f"{where}.dataset", provided=("num_classes",))
-    build_transforms(dataset.get("transforms"), where=f"{where}.dataset.transforms")
-    COLLATORS.build(block.get("collate_fn") or _LOADER_KEYS["collate_fn"], where=f"{where}.collate_fn")
 
 
 def build_dataloader(
@@ -168,7 +163,7 @@ def build_dataloader(
             size, ``num_classes`` smaller than the dataset's categories, a missing annotation file, ...
     """
     where = where or f"{split}_dataloader"
-    check_dataloader_block(block, where)
+    _check_keys(block, where)
     batch_size = per_rank_batch_size(block, world_size, where)
     dataset_block = dict(block["dataset"])
     transforms = build_transforms(dataset_block.pop("transforms", None), where=f"{where}.dataset.transforms")
@@ -215,8 +210,6 @@ def build_dataloader(
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
         generator=generator,
-        seed=seed,
-        rank=rank,
         **options,
     )
 

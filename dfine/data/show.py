@@ -14,6 +14,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from dfine.ops.box_ops import box_cxcywh_to_xyxy
+
 __all__ = ["draw_batch", "save_batch_pictures"]
 
 logger = logging.getLogger(__name__)
@@ -37,10 +39,8 @@ def draw_batch(
     pictures = []
     for image, target in zip(images, targets, strict=True):
         height, width = image.shape[-2:]
-        boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
-        cx, cy, w, h = boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = box_cxcywh_to_xyxy(target["boxes"].detach().cpu().float().reshape(-1, 4))
+        xyxy = boxes * torch.tensor([width, height, width, height], dtype=torch.float32)  # [N, 4] pixels
         labels = [int(label) for label in target["labels"]]
         text = [
             names[label] if names is not None and 0 <= label < len(names) else str(label) for label in labels

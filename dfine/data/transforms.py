@@ -84,10 +84,9 @@ class RandomIoUCrop(T.RandomIoUCrop):
         centre inside and a box overlapping it by at least the option's IoU wins; none: draw another option.
         """
         height, width = T.query_size(flat_inputs)
+        found = T.get_bounding_boxes(flat_inputs)
         boxes = F.convert_bounding_box_format(
-            T.get_bounding_boxes(flat_inputs).as_subclass(Tensor),
-            old_format=_format(flat_inputs),
-            new_format="XYXY",
+            found.as_subclass(Tensor), old_format=found.format, new_format=tv_tensors.BoundingBoxFormat.XYXY
         ).reshape(-1, 4)
         if len(boxes) == 0:
             return {}  # no crop can contain a box centre: torchvision also ends up leaving the image as it is
@@ -130,10 +129,6 @@ class RandomIoUCrop(T.RandomIoUCrop):
                     "width": int(new_w[trial]),
                     "is_within_crop_area": inside[trial],
                 }
-
-
-def _format(flat_inputs: list[Any]) -> tv_tensors.BoundingBoxFormat:
-    return T.get_bounding_boxes(flat_inputs).format
 
 
 def letterbox_geometry(

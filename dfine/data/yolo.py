@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from dfine.data.base import AnnotationTable, DetectionDataset
-from dfine.data.image_io import UnreadableImageError, read_image_size
+from dfine.data.image_io import try_read_image_size
 from dfine.data.label_map import LabelMap
 from dfine.registry import DATASETS, ConfigError
 
@@ -62,7 +62,8 @@ class YoloDetection(DetectionDataset):
         )
         if not files:
             raise ConfigError(f"img_folder {image_root} has no images ({', '.join(IMAGE_SUFFIXES)}).")
-        sizes = _read_sizes([image_root / f for f in files])
+        with ThreadPoolExecutor(max_workers=8) as pool:  # normalised coordinates refer to the upright size
+            sizes = list(pool.map(try_read_image_size, [image_root / f for f in files], chunksize=64))
         images, rows = [], []
         next_annotation_id = 0
         for index, (relative, size) in enumerate(zip(files, sizes, strict=True)):
@@ -112,19 +113,6 @@ def _default_label_folder(image_root: Path) -> Path:
         f"img_folder {image_root} has no 'images' component to derive the label folder from; "
         "set label_folder."
     )
-
-
-def _read_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
-    """Upright sizes (normalised YOLO coordinates refer to them); None for files the check will report."""
-
-    def size_of(path: Path) -> tuple[int, int] | None:
-        try:
-            return read_image_size(path)
-        except (FileNotFoundError, UnreadableImageError):
-            return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(size_of, paths, chunksize=64))
 
 
 def _read_label_file(path: Path) -> list[tuple[int, float, float, float, float]]:

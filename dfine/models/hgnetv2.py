@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..registry import MODELS
 from .common import conv_with_bias_like, fold_norm_into_conv, freeze_batch_norm
 
-__all__ = ["HGNetv2"]
+__all__ = ["VARIANTS", "HGNetv2"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _variant(stem: tuple[int, int, int], *stages: tuple) -> _Variant:
 
 
 # Stage columns: in, mid, out channels, blocks, downsample, light (depth-wise) convs, kernel, convs per block.
-_VARIANTS: dict[str, _Variant] = {
+VARIANTS: dict[str, _Variant] = {
     "B0": _variant(
         (3, 16, 16),
         (16, 16, 64, 1, False, False, 3, 3),
@@ -304,8 +304,8 @@ class HGNetv2(nn.Module):
         pretrained: str | Path | None = None,
     ) -> None:
         super().__init__()
-        if name not in _VARIANTS:
-            raise ValueError(f"unknown HGNetv2 variant {name!r}; choose one of {', '.join(_VARIANTS)}.")
+        if name not in VARIANTS:
+            raise ValueError(f"unknown HGNetv2 variant {name!r}; choose one of {', '.join(VARIANTS)}.")
         return_idx = list(return_idx)
         if (
             not return_idx
@@ -316,7 +316,7 @@ class HGNetv2(nn.Module):
                 f"HGNetv2 return_idx {return_idx} must list distinct stage indices 0..3 in increasing order, "
                 "e.g. [1, 2, 3] (strides 8, 16, 32)."
             )
-        variant = _VARIANTS[name]
+        variant = VARIANTS[name]
         self.name = name
         self.use_lab = use_lab
         self.return_idx = return_idx

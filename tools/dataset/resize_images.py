@@ -4,7 +4,8 @@ Resized copies are written beside the originals as ``*_resized.jpg``; the new an
 ``<ann-file stem>_resized.json`` (or ``--out``). Used for Objects365, where it makes loading ~4x faster.
 
 Example:
-    python tools/dataset/resize_images.py --ann-file /data/Objects365/data/train/new_zhiyuan_objv2_train.json \
+    python tools/dataset/resize_images.py \
+        --ann-file /data/Objects365/data/train/new_zhiyuan_objv2_train.json \
         --img-folder /data/Objects365/data/train --max-size 640 --threads 16
 """
 
