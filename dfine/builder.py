@@ -83,7 +83,9 @@ def build_criterion(cfg: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(
             f"{_where(cfg, 'criterion.matcher')} is missing: the criterion needs a matcher block."
         )
-    matcher = LOSSES.build(matcher_block, _where(cfg, "criterion.matcher"))
+    matcher = LOSSES.build(
+        matcher_block, _where(cfg, "criterion.matcher"), use_focal_loss=cfg.get("use_focal_loss", True)
+    )
     return LOSSES.build(
         block, _where(cfg, "criterion"), matcher=matcher, num_classes=_require(cfg, "num_classes")
     )

@@ -321,6 +321,27 @@ def test_focal_loss_option_and_boxes_weight_format_give_their_terms() -> None:
     torch.testing.assert_close(weighted["loss_vfl"], plain["loss_vfl"])  # the IoU target is the default
 
 
+def test_class_agnostic_encoder_is_matched_and_scored_against_one_class() -> None:
+    torch.manual_seed(0)
+    model, criterion = TinyDetector(), make_criterion(5, reg_max=8)
+    features, targets = tiny_batch([3, 2])
+    outputs = model(features, targets)
+    encoder = outputs["enc_aux_outputs"][0]
+    encoder["pred_logits"] = encoder["pred_logits"][..., :1]  # one objectness score per query
+    outputs["enc_meta"] = {"class_agnostic": True}
+    losses = criterion(outputs, targets)
+    assert torch.isfinite(losses["loss_vfl_enc_0"]) and losses["loss_vfl_enc_0"] > 0
+    assert len(losses) == 20
+
+
+def test_outputs_with_only_boxes_and_logits_give_the_main_terms() -> None:
+    criterion = make_criterion(5, reg_max=8, losses=["vfl", "boxes"])
+    features, targets = tiny_batch([3, 0])
+    outputs = TinyDetector()(features, targets)
+    losses = criterion({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}, targets)
+    assert list(losses) == ["loss_vfl", "loss_bbox", "loss_giou"]
+
+
 def test_criterion_config_errors_name_the_bad_value() -> None:
     matcher = HungarianMatcher(COSTS)
     with pytest.raises(ConfigError, match="Did you mean 'loss_giou'"):
@@ -358,6 +379,7 @@ def _ddp_worker(rank: int, init_file: str, result_dir: str) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_ranks_share_keys_and_normalisers_when_one_rank_has_no_boxes(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -381,6 +403,7 @@ def original_tools() -> Any:
 
 
 @pytest.mark.original
+@pytest.mark.slow
 @pytest.mark.parametrize(("num_denoising", "weights"), [(0, "noise"), (100, "noise"), (100, "realistic")])
 def test_every_term_and_gradient_equals_the_original_on_the_n_model(
     original: Path, num_denoising: int, weights: str

@@ -51,7 +51,7 @@ def our_criterion() -> DFINECriterion:
 
 
 def synthetic_outputs(sizes: list[int], seed: int = 0) -> dict[str, Any]:
-    """Random tensors in the original's training-output layout (3 layers, dn groups as the model makes them)."""
+    """Random tensors in the original's training-output layout (3 layers, denoising groups as the model's)."""
     generator = torch.Generator().manual_seed(seed)
     batch, bins = len(sizes), REG_MAX + 1
     up, reg_scale = torch.tensor([0.5]), torch.tensor([4])
@@ -67,17 +67,19 @@ def synthetic_outputs(sizes: list[int], seed: int = 0) -> dict[str, Any]:
         )
         result = []
         for _ in range(3):
-            corners = torch.randn(batch, num_queries, 4 * bins, generator=generator)
+            corners = torch.randn(batch, num_queries, 4 * bins, generator=generator).requires_grad_()
             boxes = distance_to_box(ref, distribution_integral(corners, project), reg_scale)
-            logits = torch.randn(batch, num_queries, NUM_CLASSES, generator=generator) - 4
+            logits = (torch.randn(batch, num_queries, NUM_CLASSES, generator=generator) - 4).requires_grad_()
             result.append(
                 {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": ref}
             )
         for layer in result:
             layer.update(teacher_corners=result[-1]["pred_corners"], teacher_logits=result[-1]["pred_logits"])
         pre = {
-            "pred_logits": torch.randn(batch, num_queries, NUM_CLASSES, generator=generator) - 4,
-            "pred_boxes": ref,
+            "pred_logits": (
+                torch.randn(batch, num_queries, NUM_CLASSES, generator=generator) - 4
+            ).requires_grad_(),
+            "pred_boxes": ref.clone().requires_grad_(),
         }
         return result, pre
 
@@ -99,16 +101,21 @@ def synthetic_outputs(sizes: list[int], seed: int = 0) -> dict[str, Any]:
     return outputs
 
 
-def time_criterion(criterion: Callable, outputs: dict[str, Any], targets: list, repeats: int) -> list[float]:
-    """Seconds of forward + backward per repeat, on fresh leaf copies (copying not timed)."""
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        leaves = clone_outputs(outputs)
-        start = time.perf_counter()
-        losses = criterion(leaves, targets)
-        sum(losses.values()).backward()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+def time_criteria(
+    criteria: dict[str, Callable], outputs: dict[str, Any], targets: list, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of forward + backward per repeat for each criterion, interleaved so that load from other
+    processes hits all of them alike; fresh leaf copies each time (copying not timed), one warm-up call."""
+    times: dict[str, list[float]] = {name: [] for name in criteria}
+    for repeat in range(repeats + 1):
+        for name, criterion in criteria.items():
+            leaves = clone_outputs(outputs)
+            start = time.perf_counter()
+            losses = criterion(leaves, targets)
+            sum(losses.values()).backward()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -133,25 +140,25 @@ def main() -> None:
     except FileNotFoundError as error:
         orig = None
         print(f"{error}; timing ours only, on a synthetic output dict")
-    rows: dict[str, list[float]] = {}
+    criteria: dict[str, Callable] = {}
     if orig is None:
         outputs, targets = synthetic_outputs(sizes), make_targets(sizes, NUM_CLASSES, seed=1)
     else:
         model, theirs = build_original(orig)
         perturb_weights(model, args.image_size)
         outputs, targets = run_model(model, sizes, NUM_CLASSES, args.image_size, seed=1)
-        rows["original"] = time_criterion(theirs, outputs, targets, args.repeats)
-        if args.model_step:
-            images = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-            rows["original model fwd+bwd"] = []
-            for _ in range(3):
-                start = time.perf_counter()
-                sum(theirs(model(images, targets), targets).values()).backward()
-                rows["original model fwd+bwd"].append(time.perf_counter() - start)
-    rows["ours"] = time_criterion(our_criterion(), outputs, targets, args.repeats)
-    print(
-        f"criterion forward+backward, batch {args.batch_size}, targets {sizes}, {torch.get_num_threads()} threads"
-    )
+        criteria["original"] = theirs
+    criteria["ours"] = our_criterion()
+    rows = time_criteria(criteria, outputs, targets, args.repeats)
+    if orig is not None and args.model_step:
+        images = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+        rows["original model fwd+bwd"] = []
+        for _ in range(3):
+            start = time.perf_counter()
+            sum(theirs(model(images, targets), targets).values()).backward()
+            rows["original model fwd+bwd"].append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    print(f"criterion forward+backward, batch {args.batch_size}, targets {sizes}, {threads} threads")
     for name, times in rows.items():
         print(
             f"  {name:24s} median {statistics.median(times) * 1e3:8.1f} ms   min {min(times) * 1e3:8.1f} ms"

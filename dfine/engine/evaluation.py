@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..data.transforms import original_frame_size
 from .distributed import is_main_process
 from .evaluator import CocoEvaluator
 
@@ -32,6 +33,21 @@ def predict_batch(
     """
     outputs = model(images)
     return postprocessor(outputs, orig_sizes)
+
+
+def _to_categories(result: dict[str, Tensor], category_of_label: Tensor) -> dict[str, Tensor]:
+    """One image's detections with labels turned into category ids, on the CPU.
+
+    A model may have more classes than the dataset (``num_classes`` 80 on a 4-class set, or an Objects365 head
+    being fine-tuned): detections of labels with no category cannot match anything and are dropped.
+    """
+    labels = result["labels"]
+    keep = labels < len(category_of_label)  # [K]
+    return {
+        "boxes": result["boxes"][keep].float().cpu(),
+        "scores": result["scores"][keep].float().cpu(),
+        "labels": category_of_label[labels[keep]].cpu(),
+    }
 
 
 @torch.no_grad()
@@ -66,15 +82,12 @@ def evaluate(
     model.eval()
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):
         images = images.to(device, non_blocking=True)
-        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        # letterboxed images map back through their padded frame, not the original size
+        orig_sizes = torch.stack([original_frame_size(t) for t in targets]).to(device)
         results = predict_batch(model, postprocessor, images, orig_sizes)
         evaluator.update(
             {
-                int(target["image_id"]): {
-                    "boxes": result["boxes"].float().cpu(),
-                    "scores": result["scores"].float().cpu(),
-                    "labels": category_of_label[result["labels"]].cpu(),
-                }
+                int(target["image_id"]): _to_categories(result, category_of_label)
                 for target, result in zip(targets, results, strict=True)
             }
         )

@@ -188,7 +188,24 @@ class Trainer:
         val = build_dataloader(
             self._require("val_dataloader"), split="val", where=self.cfg.where("val_dataloader"), **common
         )
+        self._check_data(train.dataset, val.dataset)
         return train, val
+
+    def _check_data(self, *datasets: Any) -> None:
+        """Fail at start-up, not hours in, when image files are missing (``--check-data`` looks deeper)."""
+        from ..data import check_dataset
+
+        problems = []
+        if self.context.is_main:
+            for dataset in datasets:
+                report = check_dataset(dataset, images="exists")
+                for line in report.summary_lines():
+                    logger.info("data: %s", line)
+                if not report.ok:
+                    problems.extend(report.summary_lines())
+        problems = dist_utils.broadcast_object(problems)
+        if problems:
+            raise ConfigError("the data cannot be trained on:\n  " + "\n  ".join(problems))
 
     def _load_tuning_weights(self, path: str, class_map: Mapping[int, int] | None) -> None:
         logger.info("fine-tuning from %s", path)

@@ -149,8 +149,10 @@ class HungarianMatcher(nn.Module):
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # [N]
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()  # [N, 4] cxcywh
         target_xyxy = cxcywh_to_xyxy_nonnegative(target_boxes)
-        image_of_target = torch.repeat_interleave(
-            torch.arange(batch_size, device=device), torch.tensor(sizes, device=device)
+        image_of_target = torch.repeat_interleave(  # output_size given: no device->host sync
+            torch.arange(batch_size, device=device),
+            torch.tensor(sizes, device=device),
+            output_size=sum(sizes),
         )
         probs = logits.sigmoid() if self.use_focal_loss else logits.softmax(-1)
         probs_by_class = probs.permute(1, 3, 0, 2)  # [B, C, G, Q]

@@ -101,7 +101,10 @@ def denoising_matches(
     """
     positive = dn_meta["dn_positive_idx"]
     groups = int(dn_meta["dn_num_group"])  # type: ignore[call-overload]
-    assert isinstance(positive, Sequence), "dn_positive_idx must be a sequence of per-image tensors"
+    if not isinstance(positive, Sequence):
+        raise TypeError(
+            f"dn_meta['dn_positive_idx'] must be a list of per-image tensors, got {type(positive)}."
+        )
     if len(positive) != len(sizes):
         raise ValueError(
             f"dn_meta['dn_positive_idx'] has {len(positive)} entries for a batch of {len(sizes)} images."
