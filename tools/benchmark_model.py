@@ -36,6 +36,19 @@ def median_ms(run: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _compare(a: dict, b: dict) -> str:
+    """How far two outputs differ, robust to swapped near-tied queries.
+
+    Two encoder scores closer than fp32 rounding can swap two queries between numerically equal paths (or
+    across the top-k boundary); that moves whole rows, so report the sorted score gap and the moved rows.
+    """
+    score_a = a["pred_logits"].sigmoid().amax(-1)
+    score_b = b["pred_logits"].sigmoid().amax(-1)
+    sorted_gap = (score_a.sort(-1).values - score_b.sort(-1).values).abs().max().item()
+    rows = (a["pred_boxes"] - b["pred_boxes"]).abs().amax(-1) > 1e-4
+    return f"sorted scores within {sorted_gap:.1e}; {int(rows.sum())} of {rows.numel()} query rows moved"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,8 +81,7 @@ def main() -> None:
         deployed = dfine.build_model(cfg)
         deployed.load_state_dict(weights)
         deployed.deploy()
-        out = deployed(images)
-        diff = (out["pred_boxes"] - reference_out["pred_boxes"]).abs().max().item()
+        diff = _compare(deployed(images), reference_out)
         rows.append(("dfine deploy()", median_ms(lambda: deployed(images), args.warmup, args.repeats)))
 
         try:
@@ -112,7 +124,7 @@ def main() -> None:
     print(f"{'model':32s} {'ms':>9s} {'x reference':>12s}")
     for name, ms in rows:
         print(f"{name:32s} {ms:9.1f} {ms / reference:12.2f}")
-    print(f"deploy() vs eval max |box diff|: {diff:.2e}")
+    print(f"deploy() vs eval: {diff}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import MODELS
@@ -27,6 +28,7 @@ class DFINE(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
+        self.channels_last = False  # set by deploy(): oneDNN convolutions are faster in NHWC on CPU
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Detect objects.
@@ -39,6 +41,8 @@ class DFINE(nn.Module):
             Eval: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] cxcywh in 0..1. Training adds what the
             criterion needs (auxiliary, pre-decoder, encoder and denoising outputs, corners and references).
         """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self) -> DFINE:
@@ -50,4 +54,6 @@ class DFINE(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "convert_to_deploy"):
                 module.convert_to_deploy()
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
         return self

@@ -1,0 +1,147 @@
+"""``dfine-train`` / ``dfine-eval`` end to end through the installed console scripts, on a tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from trainer_helpers import CONFIG, tiny_overrides
+
+import dfine
+from dfine.cli import eval as eval_cli
+from dfine.cli import train as train_cli
+
+METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+
+
+def _script(name: str) -> str:
+    """The console script installed beside this interpreter (falls back to PATH)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.is_file() else (shutil.which(name) or name)
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    # One intra-op thread: two spinning threads on a shared 2-core machine are many times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A 1-epoch ``dfine-train`` run; its output folder and the ``-u`` overrides it used."""
+    root = tmp_path_factory.mktemp("cli")
+    overrides = tiny_overrides(root / "run", root / "data", epochs=1)
+    result = _run([_script("dfine-train"), "-c", str(CONFIG), "-u", *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run", overrides
+
+
+def test_dfine_train_writes_checkpoints_eval_json_and_the_resolved_config(
+    trained: tuple[Path, list[str]],
+) -> None:
+    output_dir, _ = trained
+    for name in ("last.pth", "best.pth", "config.yml", "eval.json"):
+        assert (output_dir / name).is_file(), name
+    metrics = json.loads((output_dir / "eval.json").read_text())
+    assert metrics.keys() >= METRIC_KEYS
+    saved = yaml.safe_load((output_dir / "config.yml").read_text())
+    assert saved["epochs"] == 1 and saved["model"]["decoder"]["num_queries"] == 16
+    checkpoint = torch.load(output_dir / "last.pth", weights_only=True, map_location="cpu")
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2
+
+
+def test_dfine_eval_writes_metric_json_and_coco_predictions(
+    trained: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    output_dir, overrides = trained
+    metrics_path, predictions_path = tmp_path / "out.json", tmp_path / "p.json"
+    result = _run(
+        [
+            _script("dfine-eval"),
+            "-c",
+            str(CONFIG),
+            "-r",
+            str(output_dir / "best.pth"),
+            "--json",
+            str(metrics_path),
+            "--save-predictions",
+            str(predictions_path),
+            "-u",
+            *overrides,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(metrics_path.read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert all(0.0 <= value <= 1.0 or value == -1.0 for value in metrics.values())
+    training_metrics = json.loads((output_dir / "eval.json").read_text())
+    assert metrics["AP"] == pytest.approx(training_metrics["AP"], abs=1e-6), "best.pth is what was scored"
+    predictions = json.loads(predictions_path.read_text())
+    assert predictions, "the model made no detections at all"
+    assert {"image_id", "category_id", "bbox", "score"} <= predictions[0].keys()
+    assert {p["category_id"] for p in predictions} <= {1, 2, 3, 4}
+
+
+def test_dfine_eval_predictions_scores_a_results_file_like_the_model_run(
+    trained: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    output_dir, overrides = trained
+    predictions_path, metrics_path = tmp_path / "p.json", tmp_path / "out.json"
+    common = ["-c", str(CONFIG), "-u", *overrides]
+    code = eval_cli.main(
+        [*common, "-r", str(output_dir / "best.pth"), "--save-predictions", str(predictions_path)]
+    )
+    assert code == 0
+    code = eval_cli.main([*common, "--predictions", str(predictions_path), "--json", str(metrics_path)])
+    assert code == 0
+    rescored = json.loads(metrics_path.read_text())
+    training_metrics = json.loads((output_dir / "eval.json").read_text())
+    assert rescored["AP"] == pytest.approx(training_metrics["AP"], abs=1e-6)
+
+
+def test_print_config_prints_yaml_that_loads_back_equal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = tiny_overrides(tmp_path / "run", tmp_path / "data")
+    assert train_cli.main(["-c", str(CONFIG), "--print-config", "-u", *overrides]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = dfine.load_config(CONFIG, overrides).to_dict()
+    assert printed == expected
+    saved = tmp_path / "printed.yml"
+    saved.write_text(yaml.safe_dump(printed))
+    assert dfine.load_config(saved).to_dict() == expected
+
+
+def test_a_misspelt_key_exits_with_code_2_and_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    code = train_cli.main(["-c", str(CONFIG), "--print-config", "-u", "model.decoder.num_querys=10"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "num_querys" in error and "num_queries" in error
+
+
+def test_resume_from_a_weights_only_file_exits_with_code_2_suggesting_tune(
+    trained: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output_dir, overrides = trained
+    weights = tmp_path / "weights.pth"
+    checkpoint = torch.load(output_dir / "last.pth", weights_only=True, map_location="cpu")
+    torch.save({"model": checkpoint["model"]}, weights)
+    arguments = ["-c", str(CONFIG), "-r", str(weights), "-u", *overrides, f"output_dir={tmp_path}"]
+    code = train_cli.main(arguments)
+    assert code == 2
+    assert f"-t {weights}" in capsys.readouterr().err
