@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny tensors gain nothing from intra-op threads, and tests that start subprocesses (torchrun, spawn) would
+# oversubscribe the cores; one thread also makes timings of the suite steadier on a shared machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.module.state
 """
 
 
-def _dataset_with_empty_images(tmp_path: Path) -> Path:
+def _dataset_with_empty_images(tmp_path: Path) -> tuple[Path, Path]:
     """Quickstart's 4 training images with the boxes of images 0 and 2 removed (rank 0's share unshuffled)."""
     folder = ensure_quickstart(tmp_path / "data", split="train", num_images=4)
     coco = json.loads((folder / "annotations.json").read_text())
@@ -44,8 +44,8 @@ def _dataset_with_empty_images(tmp_path: Path) -> Path:
 def test_two_process_run_with_an_empty_batch_on_one_rank_ends_with_identical_weights(tmp_path: Path) -> None:
     images, annotations = _dataset_with_empty_images(tmp_path)
     transforms = (
-        "{type: Compose, ops: [{type: Resize, size: [96, 96]}, "
-        "{type: ConvertPILImage, dtype: float32, scale: true}, {type: ConvertBoxes, fmt: cxcywh, normalize: true}]}"
+        "{type: Compose, ops: [{type: Resize, size: [96, 96]}, {type: ConvertPILImage, dtype: float32, "
+        "scale: true}, {type: ConvertBoxes, fmt: cxcywh, normalize: true}]}"
     )
     dataset = (
         f"{{type: CocoDetection, img_folder: {images}, ann_file: {annotations}, transforms: {transforms}}}"
@@ -61,7 +61,7 @@ def test_two_process_run_with_an_empty_batch_on_one_rank_ends_with_identical_wei
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=0",
+        "--standalone",
         str(script),
         str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yml"),
         str(tmp_path),

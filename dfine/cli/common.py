@@ -20,6 +20,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "-u",
         "--update",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="override config values (parsed as YAML), e.g. -u epochs=12 train_dataloader.total_batch_size=8",

@@ -120,6 +120,10 @@ class Trainer:
             self._load_tuning_weights(tune, class_map)
         self.frozen = self._freeze(self.cfg.get("freeze") or [])
         self.train_model = self._wrap_for_distributed(self.model)
+        # A rank whose batch has no boxes builds no denoising queries, so `denoising_class_embed` gets no
+        # gradient there; DDP without find_unused_parameters then waits on it forever (or mismatches its
+        # collectives). A zero-weighted term over every trainable tensor keeps them all in each rank's graph.
+        self.keep_all_in_graph = self.context.world_size > 1 and not self.cfg.get("find_unused_parameters")
 
         groups = param_groups_from_config(self.model, self.cfg["optimizer"])
         self.optimizer = build_optimizer(self.model, self.cfg["optimizer"], groups)
@@ -331,10 +335,24 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
         self.lr_schedule.epoch_step()
+        self._sync_buffers()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["loss"] = sum(stats.values())
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (model and EMA) before evaluating and saving.
+
+        Without SyncBN (CPU, or ``sync_bn: false``) each rank's BatchNorm running statistics follow its own
+        last batch, and the EMA averages them, so ranks would evaluate slightly different models.
+        """
+        if self.context.world_size == 1:
+            return
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        for module in modules:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
@@ -355,6 +373,8 @@ class Trainer:
                 outputs = self.train_model(images, targets)
             losses = self.criterion(outputs, targets, **meta)  # fp32: the criterion upcasts
             loss = sum(losses.values())
+            if self.keep_all_in_graph:
+                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             if self._any_rank(bool(bad)):
                 self._skip_non_finite(bad, losses)
