@@ -246,6 +246,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "print_freq": (_INT, "100"),
     "eval_interval": (_INT, "1"),
     "grad_accum_steps": (_INT, "1"),
+    "tune_class_map": (_STR, "by_name"),
     "reference_batch_size": (_INT, "32"),
     "freeze": (_LIST, "['^backbone\\.stem']"),
     "patience": (_INT, "10"),

@@ -22,6 +22,7 @@ from trainer_helpers import CONFIG, tiny_overrides
 import dfine
 from dfine.engine import trainer as trainer_module
 from dfine.engine.checkpoint_io import extract_model_state, load_checkpoint
+from dfine.engine.health import zero_ap_warning
 from dfine.engine.trainer import NonFiniteLossError, Trainer
 from dfine.registry import ConfigError
 
@@ -271,3 +272,54 @@ def test_freeze_regexes_freeze_matching_parameters_which_then_stay_unchanged(
     assert changed - expected, "the unfrozen parameters must train"
     ema = _clone_state(trainer.ema.module)
     assert all(torch.equal(ema[name], before[name]) for name in expected)
+
+
+def test_tune_class_map_by_name_keeps_the_class_head_rows_of_classes_the_checkpoint_names(
+    reference_run: dict[str, Any], data_root: Path, tmp_path: Path
+) -> None:
+    # The dataset's classes are circle, square, triangle, star; the checkpoint's (same head size) are ordered
+    # differently and lack triangle, so its rows must be remapped, not copied in place.
+    names = ["star", "circle", "boat", "square"]
+    entries = [{"label": i, "category_id": 10 + i, "name": name} for i, name in enumerate(names)]
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": reference_run["model"], "label_map": entries}, weights)
+    trainer = Trainer(tiny_config(tmp_path, data_root, "tune_class_map=by_name"), tune=str(weights))
+    kept = {0: 1, 1: 3, 3: 0}  # circle, square, star -> their checkpoint rows
+    heads = [k for k in reference_run["model"] if re.search(r"score_head|denoising_class_embed", k)]
+    assert heads
+    state = trainer.model.state_dict()
+    for key in heads:
+        source = reference_run["model"][key]
+        for new, old in kept.items():
+            torch.testing.assert_close(state[key][new], source[old], rtol=0, atol=0, msg=f"{key} row {new}")
+        if key.endswith("weight") and "denoising" not in key:
+            assert not torch.equal(state[key][2], source[2]), f"{key}: triangle row was copied from 'boat'"
+
+
+def test_tune_class_map_by_name_needs_a_checkpoint_with_a_label_map(
+    reference_run: dict[str, Any], data_root: Path, tmp_path: Path
+) -> None:
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": reference_run["model"]}, weights)
+    with pytest.raises(ConfigError, match="label_map"):
+        Trainer(tiny_config(tmp_path, data_root, "tune_class_map=by_name"), tune=str(weights))
+
+
+def test_falling_loss_with_val_ap_stuck_at_zero_warns_once_naming_the_usual_causes(
+    data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert zero_ap_warning([{"loss": 3.0, "val_AP": 0.0}, {"loss": 2.0, "val_AP": 0.0}]) is None  # too early
+    rising = [{"loss": 1.0 + i, "val_AP": 0.0} for i in range(4)]
+    assert zero_ap_warning(rising) is None
+    learning = [{"loss": 4.0 - i, "val_AP": 0.0 if i < 3 else 0.01} for i in range(4)]
+    assert zero_ap_warning(learning) is None
+    trainer = Trainer(tiny_config(tmp_path, data_root))
+    trainer.history = [{"loss": 4.0 - i, "val_AP": 0.0} for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="dfine.engine.trainer"):
+        trainer._warn_if_ap_stuck_at_zero()
+        trainer.history.append({"loss": 0.5, "val_AP": 0.0})
+        trainer._warn_if_ap_stuck_at_zero()
+    warnings = [r.getMessage() for r in caplog.records if "val AP is 0" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    for cause in ("label map", "cxcywh", "num_classes"):
+        assert cause in warnings[0]

@@ -29,6 +29,7 @@ from ..registry import ConfigError
 from . import distributed as dist_utils
 from .checkpoint_io import (
     capture_rng_state,
+    class_map_from_names,
     load_checkpoint,
     load_weights_for_finetune,
     load_weights_strict,
@@ -36,6 +37,7 @@ from .checkpoint_io import (
     save_atomic,
 )
 from .ema import ModelEMA
+from .health import zero_ap_warning
 from .optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
 from .schedules import build_lr_schedule
 
@@ -150,6 +152,9 @@ class Trainer:
         self.stage = 1
         self.non_finite_steps = 0
         self.history: list[dict[str, Any]] = []
+        # Total loss of each optimizer step run here (mean over micro-batches and ranks); kept in memory only.
+        self.step_losses: list[float] = []
+        self.warned_zero_ap = False
         if resume:
             self._resume(resume)
         if self.context.is_main:
@@ -213,7 +218,35 @@ class Trainer:
 
     def _load_tuning_weights(self, path: str, class_map: Mapping[int, int] | None) -> None:
         logger.info("fine-tuning from %s", path)
-        load_weights_for_finetune(self.model, load_checkpoint(path), class_map=class_map)  # logs its report
+        checkpoint = load_checkpoint(path)
+        if class_map is None:
+            class_map = self._class_map_by_name(path, checkpoint)
+        load_weights_for_finetune(self.model, checkpoint, class_map=class_map)  # logs its report
+
+    def _class_map_by_name(self, path: str, checkpoint: Mapping[str, Any]) -> dict[int, int] | None:
+        """``tune_class_map: by_name``: keep the class-head rows of classes the checkpoint also names."""
+        mode = self.cfg.get("tune_class_map")
+        if mode in (None, False, "none"):
+            return None
+        if mode != "by_name":
+            raise ConfigError(
+                f"{self.cfg.where('tune_class_map')} must be 'by_name' or null, got {mode!r}, "
+                "e.g. -u tune_class_map=by_name"
+            )
+        entries = checkpoint.get("label_map") if isinstance(checkpoint, Mapping) else None
+        if not entries:
+            raise ConfigError(
+                f"tune_class_map=by_name needs class names, but {path} has no 'label_map' "
+                "(it was not saved by dfine-train); drop tune_class_map to re-initialise the class heads"
+            )
+        dataset_labels = getattr(self.train_loader.dataset, "label_map", None)
+        if dataset_labels is None:
+            raise ConfigError(
+                "tune_class_map=by_name needs the training dataset's class names, but "
+                f"{self.cfg.where('train_dataloader.dataset')} has no label map"
+            )
+        checkpoint_names = [str(e["name"]) for e in sorted(entries, key=lambda e: int(e["label"]))]
+        return class_map_from_names(dataset_labels.names, checkpoint_names)
 
     def _freeze(self, patterns: list[str]) -> list[str]:
         """Freeze parameters whose names match any regex in ``freeze``; returns every frozen name."""
@@ -309,9 +342,16 @@ class Trainer:
                 record.update({f"val_{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))})
                 self._track_best(epoch, last_metrics)
             self.history.append(record)
+            self._warn_if_ap_stuck_at_zero()
             self._save_epoch_checkpoints(epoch)
             logger.info("epoch %d: %s", epoch, _format_record(record))
         return {"best_ap": self.best_ap, "best_epoch": self.best_epoch, **last_metrics}
+
+    def _warn_if_ap_stuck_at_zero(self) -> None:
+        message = None if self.warned_zero_ap else zero_ap_warning(self.history)
+        if message:
+            logger.warning(message)
+            self.warned_zero_ap = True
 
     def _should_evaluate(self, epoch: int) -> bool:
         return (epoch + 1) % self.eval_interval == 0 or epoch + 1 == self.epochs
@@ -322,15 +362,20 @@ class Trainer:
         self.criterion.train()
         sums: dict[str, float] = {}
         count = 0
+        pending: list[float] = []  # total loss of each micro-batch since the last optimizer step
         for index, (images, targets) in enumerate(self.train_loader):
             images = images.to(self.device, non_blocking=True)
             targets = _move_targets(targets, self.device)
             last_micro_step = (index + 1) % self.grad_accum_steps == 0
             losses = self.train_step(images, targets, index, sync=last_micro_step)
             if losses is None:
+                pending.clear()
                 continue
+            pending.append(sum(losses.values()))
             if last_micro_step:
                 self.optimizer_step()
+                self.step_losses.append(sum(pending) / len(pending))
+                pending.clear()
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
