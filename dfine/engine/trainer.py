@@ -420,8 +420,10 @@ class Trainer:
             loss = sum(losses.values())
             if self.keep_all_in_graph:
                 loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            if self._any_rank(bool(bad)):
+            # one host sync per step: the sum is non-finite exactly when a term is (or overflows)
+            non_finite = not bool(torch.isfinite(loss))
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)] if non_finite else []
+            if self._any_rank(non_finite):
                 self._skip_non_finite(bad, losses)
                 return None
             self.non_finite_steps = 0
