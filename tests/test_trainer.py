@@ -323,3 +323,15 @@ def test_falling_loss_with_val_ap_stuck_at_zero_warns_once_naming_the_usual_caus
     assert len(warnings) == 1, warnings
     for cause in ("label map", "cxcywh", "num_classes"):
         assert cause in warnings[0]
+
+
+def test_amp_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(trainer_module, "_cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dfine.engine.trainer"):
+        trainer = Trainer(tiny_config(tmp_path, data_root, "use_amp=true", epochs=1))
+    assert trainer.use_amp is False
+    assert any("no native bfloat16" in record.getMessage() for record in caplog.records)
+    monkeypatch.setattr(trainer_module, "_cpu_has_fast_bf16", lambda: True)
+    assert Trainer(tiny_config(tmp_path / "fast", data_root, "use_amp=true", epochs=1)).use_amp is True
