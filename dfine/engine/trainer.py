@@ -74,12 +74,6 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    """Shuffling, the augmentation policy and multi-scale all follow the epoch number."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-
-
 class Trainer:
     """Fit a D-FINE model described by a resolved config.
 
@@ -132,7 +126,8 @@ class Trainer:
         # A rank whose batch has no boxes builds no denoising queries, so `denoising_class_embed` gets no
         # gradient there; DDP without find_unused_parameters then waits on it forever (or mismatches its
         # collectives). A zero-weighted term over every trainable tensor keeps them all in each rank's graph.
-        self.keep_all_in_graph = self.context.world_size > 1 and not self.cfg.get("find_unused_parameters")
+        keep_all = self.context.world_size > 1 and not self.cfg.get("find_unused_parameters")
+        self.graph_anchors = [p for p in self.model.parameters() if p.requires_grad] if keep_all else []
 
         groups = param_groups_from_config(self.model, self.cfg["optimizer"])
         self.optimizer = build_optimizer(self.model, self.cfg["optimizer"], groups)
@@ -340,7 +335,7 @@ class Trainer:
             if self.stop_epoch is not None and epoch >= self.stop_epoch and self.stage == 1:
                 self._enter_stage_two()
             seed_everything(self.seed + 1000 * epoch + self.context.rank)  # epochs replay exactly on resume
-            _set_epoch(self.train_loader, epoch)
+            self.train_loader.set_epoch(epoch)  # shuffling, augmentation policy and multi-scale
             start = time.time()
             train_stats = self.train_one_epoch(epoch)
             self.epoch = epoch + 1
@@ -431,8 +426,8 @@ class Trainer:
                 outputs = self.train_model(images, targets)
             losses = self.criterion(outputs, targets, **meta)  # fp32: the criterion upcasts
             loss = sum(losses.values())
-            if self.keep_all_in_graph:
-                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
+            if self.graph_anchors:
+                loss = loss + 0.0 * torch.stack([p.reshape(-1)[0] for p in self.graph_anchors]).sum()
             # one host sync per step: the sum is non-finite exactly when a term is (or overflows)
             non_finite = not bool(torch.isfinite(loss))
             bad = [k for k, v in losses.items() if not torch.isfinite(v)] if non_finite else []
