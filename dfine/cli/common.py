@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from ..config import Config, load_config
+from ..data.image_io import UnreadableImageError
+from ..engine.checkpoint_io import CheckpointError
 from ..engine.distributed import setup_logging
 from ..registry import ConfigError
 
@@ -36,10 +38,15 @@ def config_from_args(args: argparse.Namespace, extra_overrides: Sequence[str] = 
 
 
 def run_cli(main_body, argv: Sequence[str] | None) -> int:  # type: ignore[no-untyped-def]
-    """Run ``main_body(argv)``; config mistakes exit with code 2 and one readable message, not a traceback."""
+    """Run ``main_body(argv)``; config, checkpoint and input mistakes exit with code 2 and one readable
+    message, not a traceback."""
     setup_logging(None)  # console on rank 0; the trainer adds output_dir/train.log
     try:
         return int(main_body(argv) or 0)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, CheckpointError, UnreadableImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the trainer has already saved last.pth and said how to continue
+        print("interrupted", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT exit

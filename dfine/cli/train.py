@@ -126,7 +126,26 @@ def _main(argv: Sequence[str] | None) -> int:
     if trainer.context.is_main:
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps(summary, indent=2))
+        if not args.test_only:
+            print(next_steps(args.config, trainer.output_dir, trainer.best_ap, trainer.best_epoch))
     return 0
+
+
+def next_steps(config: str, output_dir: Path, best_ap: float, best_epoch: int) -> str:
+    """Where the results are and the commands that use them, printed when training ends."""
+    best = output_dir / "best.pth"
+    if best_ap < 0:
+        return f"done: no evaluation ran; weights in {output_dir / 'last.pth'}"
+    return "\n".join(
+        [
+            f"best AP {best_ap:.4f} at epoch {best_epoch}: {best}",
+            f"curves and pictures: {output_dir}/results.png, pr_curve.png, f1_curve.png, val_predictions.jpg",
+            f"TensorBoard: tensorboard --logdir {output_dir}",
+            f"evaluate: dfine-eval -c {config} -r {best}",
+            f"predict:  dfine-predict -c {config} -r {best} --input IMAGES",
+            f"export:   dfine-export -c {config} -r {best} --dynamic-batch",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

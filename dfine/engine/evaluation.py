@@ -39,14 +39,17 @@ def _to_categories(result: dict[str, Tensor], category_of_label: Tensor) -> dict
     """One image's detections with labels turned into category ids, on the CPU.
 
     A model may have more classes than the dataset (``num_classes`` 80 on a 4-class set, or an Objects365 head
-    being fine-tuned): detections of labels with no category cannot match anything and are dropped.
+    being fine-tuned): detections of labels with no category (table entry -1, or past the table's end) cannot
+    match anything and are dropped.
     """
     labels = result["labels"]
-    keep = labels < len(category_of_label)  # [K]
+    inside = labels < len(category_of_label)  # [K]
+    categories = torch.where(inside, category_of_label[labels.clamp(max=len(category_of_label) - 1)], -1)
+    keep = categories >= 0  # -1: a category id the dataset does not have
     return {
         "boxes": result["boxes"][keep].float().cpu(),
         "scores": result["scores"][keep].float().cpu(),
-        "labels": category_of_label[labels[keep]].cpu(),
+        "labels": categories[keep].cpu(),
     }
 
 
@@ -77,7 +80,14 @@ def evaluate(
         evaluator = CocoEvaluator(dataset.to_coco_dict())
     else:
         evaluator.reset()
-    category_of_label = torch.tensor(category_ids or dataset.label_map.category_ids, device=device)
+    if getattr(postprocessor, "category_ids", None) is not None and category_ids is None:
+        # The postprocessor already turns labels into category ids (remap_mscoco_category): map them 1:1.
+        known = torch.tensor(evaluator.coco_gt.getCatIds(), dtype=torch.int64)
+        category_of_label = torch.full((int(known.max()) + 1,), -1, dtype=torch.int64)
+        category_of_label[known] = known
+        category_of_label = category_of_label.to(device)
+    else:
+        category_of_label = torch.tensor(category_ids or dataset.label_map.category_ids, device=device)
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):

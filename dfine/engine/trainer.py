@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import re
+import resource
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..builder import build_criterion, build_model, build_postprocessor
 from ..config import Config, dump_config
@@ -39,6 +41,8 @@ from .checkpoint_io import (
 from .ema import ModelEMA
 from .health import zero_ap_warning
 from .optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
+from .reports import EvalReport
+from .run_log import RunLog
 from .schedules import build_lr_schedule
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -111,6 +115,8 @@ class Trainer:
         self.clip_max_norm = float(self.cfg.get("clip_max_norm") or 0.0)
         self.eval_interval = int(self.cfg.get("eval_interval") or 1)
         self.checkpoint_freq = int(self.cfg.get("checkpoint_freq") or 0)
+        self.print_freq = max(1, int(self.cfg.get("print_freq") or 100))
+        self.patience = int(self.cfg.get("patience") or 0)  # 0: no early stopping
         collate = self.cfg.get("train_dataloader", {}).get("collate_fn") or {}
         self.stop_epoch = collate.get("stop_epoch")
         self.ema_restart_decay = collate.get("ema_restart_decay")
@@ -163,12 +169,29 @@ class Trainer:
         # Total loss of each optimizer step run here (mean over micro-batches and ranks); kept in memory only.
         self.step_losses: list[float] = []
         self.warned_zero_ap = False
+        # Where the running epoch started: a Ctrl-C save rewinds the schedule to it (`_save_interrupted`).
+        self.epoch_start_schedule: dict[str, Any] | None = None
+        self.epoch_start_step = 0
         if resume:
             self._resume(resume)
+        self.run_log = RunLog(self.output_dir, self.cfg.get("summary_dir"), enabled=self.context.is_main)
+        self.run_log.restart(self.history)
+        self.report = EvalReport(
+            self.output_dir,
+            self.run_log,
+            class_names=self._class_names(),
+            enabled=self.context.is_main,
+        )
         if self.context.is_main:
             dump_config(self.cfg, self.output_dir / "config.yml")
 
     # ------------------------------------------------------------------------------------------ set-up
+
+    def _class_names(self) -> list[str]:
+        label_map = getattr(self.val_loader.dataset, "label_map", None)
+        if label_map is not None:
+            return list(label_map.names)
+        return [f"class {index}" for index in range(int(self._require("num_classes")))]
 
     def _require(self, key: str) -> Any:
         if self.cfg.get(key) is None:
@@ -327,33 +350,80 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train from ``self.epoch`` to ``epochs``; returns the best metrics seen."""
+        """Train from ``self.epoch`` to ``epochs``; returns the best metrics seen.
+
+        Stops early after ``patience`` evaluated epochs without a new best AP. Ctrl-C saves the weights of the
+        interrupted epoch to ``last.pth`` (``-r auto`` redoes that epoch from them) and re-raises.
+        """
         logger.info("schedule: %s", self.describe_schedule())
         last_metrics: dict[str, Any] = {}
-        while self.epoch < self.epochs:
-            epoch = self.epoch
-            if self.stop_epoch is not None and epoch >= self.stop_epoch and self.stage == 1:
-                self._enter_stage_two()
-            seed_everything(self.seed + 1000 * epoch + self.context.rank)  # epochs replay exactly on resume
-            self.train_loader.set_epoch(epoch)  # shuffling, augmentation policy and multi-scale
-            start = time.time()
-            train_stats = self.train_one_epoch(epoch)
-            self.epoch = epoch + 1
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "stage": self.stage,
-                "time": time.time() - start,
-                **train_stats,
-            }
-            if self._should_evaluate(epoch):
-                last_metrics = self.evaluate()
-                record.update({f"val_{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float))})
-                self._track_best(epoch, last_metrics)
-            self.history.append(record)
-            self._warn_if_ap_stuck_at_zero()
-            self._save_epoch_checkpoints(epoch)
-            logger.info("epoch %d: %s", epoch, _format_record(record))
+        try:
+            while self.epoch < self.epochs:
+                last_metrics = self._run_epoch(self.epoch) or last_metrics
+                if self._out_of_patience():
+                    break
+        except KeyboardInterrupt:
+            self._save_interrupted()
+            raise
+        finally:
+            self.run_log.close()
         return {"best_ap": self.best_ap, "best_epoch": self.best_epoch, **last_metrics}
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """Train, evaluate, save and report one epoch; returns its metrics when it was evaluated."""
+        if self.stop_epoch is not None and epoch >= self.stop_epoch and self.stage == 1:
+            self._enter_stage_two()
+        seed_everything(self.seed + 1000 * epoch + self.context.rank)  # epochs replay exactly on resume
+        self.train_loader.set_epoch(epoch)  # shuffling, augmentation policy and multi-scale
+        self.epoch_start_schedule = self.lr_schedule.state_dict()
+        self.epoch_start_step = self.global_step
+        start = time.time()
+        train_stats = self.train_one_epoch(epoch)
+        self.epoch = epoch + 1
+        record: dict[str, Any] = {"epoch": epoch, "stage": self.stage, **train_stats}
+        record["time"] = time.time() - start
+        record["memory_mb"] = _peak_memory_mb(self.device)
+        metrics = None
+        if self._should_evaluate(epoch):
+            metrics = self.evaluate()
+            record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self._track_best(epoch, metrics)
+        self.history.append(record)
+        if metrics is not None:
+            record.update(self._report_evaluation(epoch))
+        self.run_log.epoch(record)
+        self._warn_if_ap_stuck_at_zero()
+        self._save_epoch_checkpoints(epoch)
+        logger.info("epoch %d: %s", epoch, _format_record(record))
+        return metrics
+
+    def _report_evaluation(self, epoch: int) -> dict[str, Any]:
+        """Curves, pictures and results.png after an evaluation (rank 0); the best-F1 numbers for the log."""
+        return self.report.after_evaluation(
+            epoch,
+            self.history,
+            self.evaluator,
+            self.eval_model,
+            self.postprocessor,
+            self.val_loader.dataset,
+            self.device,
+        )
+
+    def _out_of_patience(self) -> bool:
+        evaluated = [r["epoch"] for r in self.history if "val_AP" in r]
+        if not self.patience or not evaluated or self.best_epoch < 0:
+            return False
+        waited = sum(1 for epoch in evaluated if epoch > self.best_epoch)
+        if waited < self.patience:
+            return False
+        logger.info(
+            "early stop: no AP gain in %d evaluations since epoch %d (best AP %.4f; patience %d)",
+            waited,
+            self.best_epoch,
+            self.best_ap,
+            self.patience,
+        )
+        return True
 
     def _warn_if_ap_stuck_at_zero(self) -> None:
         message = None if self.warned_zero_ap else zero_ap_warning(self.history)
@@ -371,11 +441,23 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         pending: list[float] = []  # total loss of each micro-batch since the last optimizer step
-        for index, (images, targets) in enumerate(self.train_loader):
+        lr_used = self.optimizer.param_groups[0]["lr"]
+        seen_images = 0
+        start = time.time()
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{self.epochs - 1}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.context.is_main,
+        )
+        for index, (images, targets) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             targets = _move_targets(targets, self.device)
             last_micro_step = (index + 1) % self.grad_accum_steps == 0
+            lr_used = self.optimizer.param_groups[0]["lr"]
             losses = self.train_step(images, targets, index, sync=last_micro_step)
+            seen_images += images.shape[0] * self.context.world_size
             if losses is None:
                 pending.clear()
                 continue
@@ -387,11 +469,18 @@ class Trainer:
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
+            images_per_s = seen_images / max(time.time() - start, 1e-9)
+            bar.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr_used:.2e} img/s {images_per_s:.1f}")
+            if last_micro_step and self.global_step % self.print_freq == 0:
+                lrs = [group["lr"] for group in self.optimizer.param_groups]
+                self.run_log.step(self.global_step, losses, lrs, images_per_s)
+        bar.close()
         self.lr_schedule.epoch_step()
         self._sync_buffers()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["loss"] = sum(stats.values())
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["lr"] = lr_used  # the lr of the epoch's last step (the schedule has moved on since)
+        stats["images_per_s"] = seen_images / max(time.time() - start, 1e-9)
         return stats
 
     def _sync_buffers(self) -> None:
@@ -475,6 +564,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
 
     @property
+    def evaluator(self) -> Any:
+        """One COCO evaluator per run (ground truth indexed once); its detections also feed the curves."""
+        if getattr(self, "_evaluator", None) is None:
+            from .evaluator import CocoEvaluator
+
+            self._evaluator = CocoEvaluator(self.val_loader.dataset.to_coco_dict())
+        return self._evaluator
+
+    @property
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated and saved as the result: EMA when enabled."""
         return self.ema.module if self.ema is not None else self.model
@@ -483,7 +581,7 @@ class Trainer:
         """COCO metrics of :attr:`eval_model` on the validation set (written to ``output_dir/eval.json``)."""
         from .evaluation import evaluate
 
-        metrics = evaluate(self.eval_model, self.postprocessor, self.val_loader, self.device)
+        metrics = evaluate(self.eval_model, self.postprocessor, self.val_loader, self.device, self.evaluator)
         if self.context.is_main:
             (self.output_dir / "eval.json").write_text(
                 json.dumps({"epoch": self.epoch - 1, **metrics}, indent=2)
@@ -549,6 +647,31 @@ class Trainer:
         if self.context.is_main:
             save_atomic(self.state_dict(), self.output_dir / name)
 
+    def _save_interrupted(self) -> None:
+        """Ctrl-C: keep the weights trained so far in ``last.pth``, the schedule rewound to the epoch's start.
+
+        The interrupted epoch counts as not done, so ``-r auto`` runs it again from its first batch, starting
+        from these weights, with the lr it would have had; nothing finished is lost.
+        """
+        if not self.context.is_main or self.epoch_start_schedule is None:
+            return
+        state = self.state_dict()
+        interrupted_at = self.global_step
+        state["lr_schedule"] = self.epoch_start_schedule
+        state["global_step"] = self.epoch_start_step
+        state["interrupted"] = {"epoch": self.epoch, "global_step": interrupted_at}
+        path = self.output_dir / "last.pth"
+        save_atomic(state, path)
+        logger.warning(
+            "interrupted in epoch %d (step %d): saved %s; continue with -r auto (or -r %s), which redoes "
+            "epoch %d from these weights",
+            self.epoch,
+            interrupted_at,
+            path,
+            path,
+            self.epoch,
+        )
+
     def _save_epoch_checkpoints(self, epoch: int) -> None:
         self._save("last.pth")
         if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0:
@@ -587,14 +710,35 @@ class Trainer:
         )
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on a GPU, the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 # The epoch summary shows these; every term is in metrics.jsonl / TensorBoard.
-_SUMMARY_KEYS = ("loss", "loss_vfl", "loss_bbox", "loss_giou", "loss_fgl", "lr", "val_AP", "val_AP50", "time")
+_SUMMARY_KEYS = (
+    ("loss", "loss", "{:.4g}"),
+    ("loss_vfl", "vfl", "{:.4g}"),
+    ("loss_bbox", "l1", "{:.4g}"),
+    ("loss_giou", "giou", "{:.4g}"),
+    ("loss_fgl", "fgl", "{:.4g}"),
+    ("loss_ddf", "ddf", "{:.4g}"),
+    ("lr", "lr", "{:.2e}"),
+    ("val_AP", "AP", "{:.4f}"),
+    ("val_AP50", "AP50", "{:.4f}"),
+    ("val_best_f1", "F1", "{:.3f}"),
+    ("time", "time", "{:.0f}s"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("memory_mb", "mem", "{:.0f}MB"),
+)
 
 
 def _format_record(record: Mapping[str, Any]) -> str:
     parts = [f"stage {record.get('stage', 1)}"]
-    for key in _SUMMARY_KEYS:
+    for key, label, form in _SUMMARY_KEYS:
         value = record.get(key)
-        if isinstance(value, float):
-            parts.append(f"{key} {value:.4g}")
-    return ", ".join(parts)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {form.format(value)}")
+    return " | ".join(parts)
