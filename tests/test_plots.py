@@ -24,7 +24,7 @@ def history(epochs: int = 6, stage_two_from: int | None = 4) -> list[dict]:
             "loss_bbox": 0.4 / (epoch + 1),
             "loss_giou": 0.9 - 0.02 * epoch,
             "loss_fgl": 0.3,
-            "loss_ddf": 0.01 * epoch,
+            "loss_ddf_aux_0": 0.01 * epoch,
             "loss_vfl_aux_0": 1.1,
             "loss_vfl_dn_0": 1.2,
             "loss_vfl_pre": 1.3,
@@ -79,7 +79,7 @@ def history_without_evaluation() -> list[dict]:
     records = history(3, stage_two_from=None)
     for record in records:
         record.pop("val_AP", None), record.pop("val_AP50", None)
-    records[1]["loss_ddf"] = float("nan")
+    records[1]["loss_ddf_aux_0"] = float("nan")
     records.append({"epoch": 3, "stage": 1, "loss": 16.0, "val_AP": -1.0})
     return records
 
@@ -99,7 +99,9 @@ def test_plot_results_draws_only_main_terms_and_skips_epochs_without_evaluation(
     figure = plots._results_figure(history())
     titles = [axes.get_title() for axes in figure.axes if axes.get_visible()]
     assert titles == list(plots.RESULTS_PANELS)
-    assert not any(key in title for title in titles for key in ("aux", "dn_", "pre", "enc"))
+    # DDF has only auxiliary terms (the last layer is its teacher): its first one stands for it
+    others = [title for title in titles if title != "loss_ddf_aux_0"]
+    assert not any(key in title for title in others for key in ("aux", "dn_", "pre", "enc"))
     val_ap = figure.axes[titles.index("val_AP")]
     epochs, values = val_ap.lines[0].get_data()
     np.testing.assert_allclose(epochs, [1, 3, 5])  # evaluated epochs only
@@ -112,7 +114,7 @@ def test_plot_results_skips_missing_non_finite_and_undefined_values():
     pytest.importorskip("matplotlib")
     by_title = {axes.get_title(): axes for axes in plots._results_figure(history_without_evaluation()).axes}
     assert not by_title["val_AP"].lines and by_title["val_AP"].texts[0].get_text() == "not recorded"
-    np.testing.assert_allclose(by_title["loss_ddf"].lines[0].get_xdata(), [0, 2])
+    np.testing.assert_allclose(by_title["loss_ddf_aux_0"].lines[0].get_xdata(), [0, 2])
     np.testing.assert_allclose(by_title["loss"].lines[0].get_ydata(), [20, 19, 18, 16])
 
 

@@ -41,7 +41,7 @@ RESULTS_PANELS = (
     "loss_bbox",
     "loss_giou",
     "loss_fgl",
-    "loss_ddf",
+    "loss_ddf_aux_0",  # DDF distils the last layer into the others: it has no main-output term
     "lr",
     "val_AP",
     "val_AP50",

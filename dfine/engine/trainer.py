@@ -724,7 +724,7 @@ _SUMMARY_KEYS = (
     ("loss_bbox", "l1", "{:.4g}"),
     ("loss_giou", "giou", "{:.4g}"),
     ("loss_fgl", "fgl", "{:.4g}"),
-    ("loss_ddf", "ddf", "{:.4g}"),
+    ("loss_ddf_aux_0", "ddf", "{:.4g}"),
     ("lr", "lr", "{:.2e}"),
     ("val_AP", "AP", "{:.4f}"),
     ("val_AP50", "AP50", "{:.4f}"),
