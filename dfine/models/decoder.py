@@ -245,7 +245,9 @@ class DFINETransformer(nn.Module):
                 state_dict.pop(key)
                 logger.info("ignoring %s from the checkpoint: this model has no eval_spatial_size", key)
                 continue
-            if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.device), ours):
+            # EMA averaging leaves rounding noise in float buffers: only a real difference is reported
+            same = theirs.shape == ours.shape and torch.allclose(theirs.to(ours), ours, rtol=1e-4, atol=1e-6)
+            if not same:
                 logger.info(
                     "%s from the checkpoint (shape %s) does not match eval_spatial_size %s; "
                     "keeping the recomputed one (shape %s)",
