@@ -233,7 +233,9 @@ def export_onnx(
 
 
 def simplify_onnx(path: str | Path) -> bool:
-    """Simplify the file in place with onnxsim (package ``onnx-simplifier``) when it is installed.
+    """Simplify the file in place with onnxsim when it is installed.
+
+    The PyPI package is ``onnxsim`` (wheels); the older ``onnx-simplifier`` name only builds from source.
 
     Returns:
         True if the file was simplified; False (with a logged reason) when onnxsim is missing or its check of
@@ -243,7 +245,7 @@ def simplify_onnx(path: str | Path) -> bool:
     try:
         import onnxsim
     except ImportError:
-        logger.warning("--simplify skipped: onnxsim is not installed (pip install onnx-simplifier)")
+        logger.warning("--simplify skipped: onnxsim is not installed (pip install onnxsim)")
         return False
     simplified, valid = onnxsim.simplify(onnx.load(str(path)))
     if not valid:

@@ -246,7 +246,23 @@ def test_simplify_without_onnxsim_leaves_the_file_and_says_so(
     before = static_file.read_bytes()
     assert simplify_onnx(static_file) is False
     assert static_file.read_bytes() == before
-    assert "pip install onnx-simplifier" in caplog.text
+    assert "pip install onnxsim" in caplog.text
+
+
+def test_simplify_with_onnxsim_shrinks_the_graph_and_keeps_parity(
+    detector, dynamic_file: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxsim", reason="onnxsim is not installed (pip install onnxsim)")
+    path = tmp_path / "simplified.onnx"
+    path.write_bytes(dynamic_file.read_bytes())
+    nodes_before = len(onnx.load(str(path)).graph.node)
+    assert simplify_onnx(path) is True
+    assert len(onnx.load(str(path)).graph.node) < nodes_before
+    assert baked_batch_dimension(path) == [], "simplifying must keep the batch dynamic"
+    reference = ExportableDetector(*detector)
+    for batch in (1, 3):
+        result = check_onnx_parity(path, reference, images(batch), ORIGINAL_SIZES[:batch])
+        assert result.passed and max(result.max_difference.values()) <= 1e-4, result.summary()
 
 
 # -- dfine-export -----------------------------------------------------------------------------------------

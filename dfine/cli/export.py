@@ -15,7 +15,7 @@ Examples:
     dfine-export -c CFG -r CKPT -u model.decoder.cross_attn_method=discrete   # graph without GridSample
     dfine-export -c CFG -r CKPT --random-inputs               # check on random images (no dataset needed)
 
-Needs onnx and onnxruntime: pip install -e ".[export]". --simplify also needs onnx-simplifier.
+Needs onnx and onnxruntime: pip install -e ".[export]". --simplify also needs onnxsim (pip install onnxsim).
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="symbolic batch dimension (checked at batch 1, 2 and 8); the image size stays the config's "
         "eval_spatial_size either way",
     )
-    parser.add_argument(
-        "--simplify", action="store_true", help="simplify with onnxsim (pip install onnx-simplifier)"
-    )
+    parser.add_argument("--simplify", action="store_true", help="simplify with onnxsim (pip install onnxsim)")
     parser.add_argument(
         "--no-postprocess",
         action="store_true",
@@ -321,7 +319,7 @@ def _main(argv: Sequence[str] | None) -> int:
         f"{image_size[0]}x{image_size[1]}, opset {args.opset})"
     )
     if args.simplify and not simplify_onnx(output):
-        print("note: --simplify skipped: onnxsim is missing or failed (pip install onnx-simplifier)")
+        print("note: --simplify skipped: onnxsim is missing or failed (pip install onnxsim)")
     reference = ExportableDetector(model, postprocessor)
     providers = _providers(device)
     passed = _check_batches(output, reference, images.to(device), sizes.to(device), args, providers)
