@@ -73,9 +73,12 @@ class Oracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("remap", [False, True], ids=["contiguous_labels", "remap_mscoco_category"])
-def test_an_oracle_scores_ap_1_with_or_without_the_coco_remap(remap: bool) -> None:
+@pytest.mark.parametrize("from_checkpoint", [False, True], ids=["dataset_map", "checkpoint_map"])
+def test_an_oracle_scores_ap_1_with_or_without_the_coco_remap(remap: bool, from_checkpoint: bool) -> None:
+    # dfine-eval passes the checkpoint's label map as category_ids; the remap must still apply only once
+    category_ids = list(COCO_CATEGORY_IDS) if from_checkpoint else None
     postprocessor = DFINEPostProcessor(num_classes=80, num_top_queries=10, remap_mscoco_category=remap)
-    metrics = evaluate(Oracle(), postprocessor, Loader(), torch.device("cpu"))
+    metrics = evaluate(Oracle(), postprocessor, Loader(), torch.device("cpu"), category_ids=category_ids)
     assert metrics["AP"] == pytest.approx(1.0)
     per_class = {row["category_id"]: row["AP"] for row in metrics["per_class"] if row["AP"] is not None}
     assert per_class == pytest.approx({2: 1.0, 3: 1.0, 90: 1.0})

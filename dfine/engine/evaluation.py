@@ -53,6 +53,22 @@ def _to_categories(result: dict[str, Tensor], category_of_label: Tensor) -> dict
     }
 
 
+def _category_table(
+    postprocessor: nn.Module, evaluator: CocoEvaluator, category_ids: list[int] | None, dataset: Any
+) -> Tensor:
+    """``table[label]`` = the category id that label is scored as (-1: none), for :func:`_to_categories`.
+
+    A postprocessor with its own table (``remap_mscoco_category``) already outputs category ids: applying
+    ``category_ids`` on top would map them twice, so they pass through 1:1 (ids the ground truth lacks: -1).
+    """
+    if getattr(postprocessor, "category_ids", None) is None:
+        return torch.tensor(category_ids or dataset.label_map.category_ids, dtype=torch.int64)
+    known = torch.tensor(evaluator.coco_gt.getCatIds(), dtype=torch.int64)
+    table = torch.full((int(known.max()) + 1,), -1, dtype=torch.int64)
+    table[known] = known
+    return table
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -80,14 +96,7 @@ def evaluate(
         evaluator = CocoEvaluator(dataset.to_coco_dict())
     else:
         evaluator.reset()
-    if getattr(postprocessor, "category_ids", None) is not None and category_ids is None:
-        # The postprocessor already turns labels into category ids (remap_mscoco_category): map them 1:1.
-        known = torch.tensor(evaluator.coco_gt.getCatIds(), dtype=torch.int64)
-        category_of_label = torch.full((int(known.max()) + 1,), -1, dtype=torch.int64)
-        category_of_label[known] = known
-        category_of_label = category_of_label.to(device)
-    else:
-        category_of_label = torch.tensor(category_ids or dataset.label_map.category_ids, device=device)
+    category_of_label = _category_table(postprocessor, evaluator, category_ids, dataset).to(device)
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):
