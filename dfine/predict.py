@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from .builder import build_model, build_postprocessor
 from .config import Config
 from .data.base import finalize_sample
-from .data.coco_names import COCO_CATEGORY_IDS, COCO_NAMES
+from .data.coco_names import COCO_NAMES
 from .data.compose import build_transforms
 from .data.image_io import load_image
 from .data.label_map import LabelMap
@@ -39,6 +39,7 @@ from .data.synthetic import QUICKSTART_CLASSES
 from .data.transforms import original_frame_size
 from .engine.checkpoint_io import CheckpointError, extract_model_state, load_checkpoint, load_weights_strict
 from .engine.evaluation import predict_batch
+from .models.postprocessor import COCO80_TO_COCO91
 from .registry import DATASETS, ConfigError
 
 __all__ = ["ClassTable", "PredictInputError", "Prediction", "Predictor", "resolve_class_table"]
@@ -114,7 +115,7 @@ def resolve_class_table(cfg: Mapping[str, Any], checkpoint: Mapping[str, Any] | 
             ) from error
     num_classes = int(cfg.get("num_classes") or 0)
     if num_classes == len(COCO_NAMES) and cfg.get("remap_mscoco_category"):
-        return ClassTable(list(COCO_NAMES), list(COCO_CATEGORY_IDS), "COCO")
+        return ClassTable(list(COCO_NAMES), list(COCO80_TO_COCO91), "COCO")
     label_map = _dataset_label_map(cfg)
     if label_map is not None and len(label_map):
         return _label_map_table(label_map, f"the val dataset ({label_map.source or 'config'})")
@@ -225,6 +226,7 @@ class Predictor:
         loaded = load_checkpoint(checkpoint)
         weights, self.weights_source = extract_model_state(loaded)
         self.classes = resolve_class_table(cfg, loaded)
+        self._category_of_label = torch.tensor(self.classes.category_ids, dtype=torch.int64)
         model = build_model(_without_pretrained(cfg))
         load_weights_strict(model, weights)
         model.to(self.device).eval()
@@ -299,12 +301,11 @@ class Predictor:
         labels, scores = result["labels"].cpu(), result["scores"].float().cpu()
         keep = (scores >= self.threshold) & (labels < len(self.classes))  # [K]
         labels = labels[keep]
-        category_of_label = torch.tensor(self.classes.category_ids, dtype=torch.int64)
         return Prediction(
             labels=labels,
             boxes=result["boxes"].float().cpu()[keep],
             scores=scores[keep],
-            category_ids=category_of_label[labels],
+            category_ids=self._category_of_label[labels],
             names=[self.classes.names[int(label)] for label in labels],
             image_size=(int(image_size[0]), int(image_size[1])),
         )

@@ -19,6 +19,12 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the generated quickstart dataset, shared by a module's tests (generated on first use)."""
+    return tmp_path_factory.mktemp("quickstart")
+
+
 @pytest.fixture(scope="session")
 def original() -> Path:
     """Path of the original D-FINE checkout named by env ``DFINE_ORIG_DIR``, put on ``sys.path``.

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from dfine.data.coco_names import COCO_CATEGORY_IDS, COCO_NAMES
+from dfine.data.coco_names import COCO_NAMES
 from dfine.data.label_map import LabelMap
 from dfine.engine.evaluation import evaluate
-from dfine.models.postprocessor import DFINEPostProcessor
+from dfine.models.postprocessor import COCO80_TO_COCO91, DFINEPostProcessor
 
 SIZE = 64
 # (category id, cx, cy, w, h) normalised; bicycle (2), car (3) and toothbrush (90, COCO's last id)
@@ -20,7 +20,7 @@ TRUTH = [[(2, 0.3, 0.3, 0.2, 0.2), (90, 0.7, 0.7, 0.3, 0.2)], [(3, 0.5, 0.5, 0.4
 class CocoLikeDataset:
     def __init__(self) -> None:
         self.label_map = LabelMap(
-            [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_NAMES, strict=True)]
+            [{"id": i, "name": n} for i, n in zip(COCO80_TO_COCO91, COCO_NAMES, strict=True)]
         )
 
     def __len__(self) -> int:
@@ -45,7 +45,7 @@ class CocoLikeDataset:
         return {
             "images": [{"id": i, "width": SIZE, "height": SIZE} for i in range(len(TRUTH))],
             "annotations": annotations,
-            "categories": [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_NAMES, strict=True)],
+            "categories": [{"id": i, "name": n} for i, n in zip(COCO80_TO_COCO91, COCO_NAMES, strict=True)],
         }
 
 
@@ -67,7 +67,7 @@ class Oracle(torch.nn.Module):
         boxes = torch.full((len(images), 4, 4), 0.5)
         for row, truth in enumerate(TRUTH):
             for query, (category, *box) in enumerate(truth):
-                logits[row, query, COCO_CATEGORY_IDS.index(category)] = 5.0
+                logits[row, query, COCO80_TO_COCO91.index(category)] = 5.0
                 boxes[row, query] = torch.tensor(box)
         return {"pred_logits": logits, "pred_boxes": boxes}
 
@@ -76,7 +76,7 @@ class Oracle(torch.nn.Module):
 @pytest.mark.parametrize("from_checkpoint", [False, True], ids=["dataset_map", "checkpoint_map"])
 def test_an_oracle_scores_ap_1_with_or_without_the_coco_remap(remap: bool, from_checkpoint: bool) -> None:
     # dfine-eval passes the checkpoint's label map as category_ids; the remap must still apply only once
-    category_ids = list(COCO_CATEGORY_IDS) if from_checkpoint else None
+    category_ids = list(COCO80_TO_COCO91) if from_checkpoint else None
     postprocessor = DFINEPostProcessor(num_classes=80, num_top_queries=10, remap_mscoco_category=remap)
     metrics = evaluate(Oracle(), postprocessor, Loader(), torch.device("cpu"), category_ids=category_ids)
     assert metrics["AP"] == pytest.approx(1.0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainer_helpers import CONFIG, TINY_MODEL
 
 import dfine
 from dfine.cli import export as export_cli
@@ -32,29 +33,10 @@ onnxruntime = pytest.importorskip(
     "onnxruntime", reason='onnxruntime is not installed (pip install -e ".[export]"; CI installs it)'
 )
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yml"
 SIZE = 64
-TINY = [
-    f"eval_spatial_size=[{SIZE}, {SIZE}]",
-    "model.encoder.hidden_dim=32",
-    "model.encoder.dim_feedforward=64",
-    "model.decoder.hidden_dim=32",
-    "model.decoder.feat_channels=[32, 32]",
-    "model.decoder.dim_feedforward=64",
-    "model.decoder.num_layers=2",
-    "model.decoder.num_queries=16",
-    "model.decoder.num_denoising=10",
-]
+TINY = [f"eval_spatial_size=[{SIZE}, {SIZE}]", *TINY_MODEL]
 # Original images of several sizes, so box scaling and the size input are exercised.
 ORIGINAL_SIZES = torch.tensor([[640, 480], [64, 64], [333, 500]], dtype=torch.int64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(*overrides: str) -> tuple[torch.nn.Module, torch.nn.Module]:

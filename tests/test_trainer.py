@@ -7,6 +7,7 @@ the resume tests continue from those checkpoints in a fresh `Trainer` and must l
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import CONFIG, tiny_overrides
+import trainer_helpers
 
 import dfine
 from dfine.engine import trainer as trainer_module
@@ -30,23 +31,7 @@ EPOCHS = 3
 STOP_EPOCH = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads made these tests ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One generated quickstart dataset for the whole module (generated on first use)."""
-    return tmp_path_factory.mktemp("quickstart")
-
-
-def tiny_config(output_dir: Path, data_root: Path, *extra: str, epochs: int = EPOCHS, stop_epoch: int = 100):
-    return dfine.load_config(CONFIG, [*tiny_overrides(output_dir, data_root, epochs, stop_epoch), *extra])
+tiny_config = functools.partial(trainer_helpers.tiny_config, epochs=EPOCHS)
 
 
 def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,29 +11,12 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from trainer_helpers import CONFIG, tiny_overrides
+from trainer_helpers import CONFIG, tiny_config
 
 import dfine
 from dfine.engine import reports as reports_module
 from dfine.engine.checkpoint_io import load_checkpoint
 from dfine.engine.trainer import Trainer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("quickstart")
-
-
-def tiny_config(output_dir: Path, data_root: Path, *extra: str, epochs: int = 2) -> dfine.Config:
-    return dfine.load_config(CONFIG, [*tiny_overrides(output_dir, data_root, epochs), *extra])
 
 
 @pytest.fixture(scope="module")

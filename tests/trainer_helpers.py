@@ -8,8 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dfine
+
 SIZE = 96
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yml"
+# The quickstart's D-FINE-N narrowed to a 32-wide encoder/decoder with 2 layers and 16 queries.
+TINY_MODEL = [
+    "model.encoder.hidden_dim=32",
+    "model.encoder.dim_feedforward=64",
+    "model.decoder.hidden_dim=32",
+    "model.decoder.feat_channels=[32, 32]",
+    "model.decoder.dim_feedforward=64",
+    "model.decoder.num_layers=2",
+    "model.decoder.num_queries=16",
+    "model.decoder.num_denoising=10",
+]
 
 
 def tiny_overrides(
@@ -38,14 +51,14 @@ def tiny_overrides(
         f"train_dataloader.collate_fn.stop_epoch={stop_epoch}",
         f"val_dataloader.dataset.transforms.ops=[{{type: Resize, size: [{SIZE}, {SIZE}]}}, "
         "{type: ConvertPILImage, dtype: float32, scale: true}]",
-        "model.encoder.hidden_dim=32",
-        "model.encoder.dim_feedforward=64",
-        "model.decoder.hidden_dim=32",
-        "model.decoder.feat_channels=[32, 32]",
-        "model.decoder.dim_feedforward=64",
-        "model.decoder.num_layers=2",
-        "model.decoder.num_queries=16",
-        "model.decoder.num_denoising=10",
+        *TINY_MODEL,
         "ema.warmups=2",
         "print_freq=1",
     ]
+
+
+def tiny_config(
+    output_dir: str | Path, data_root: str | Path, *extra: str, epochs: int = 2, stop_epoch: int = 100
+) -> dfine.Config:
+    """configs/quickstart.yml with :func:`tiny_overrides`, then ``extra`` overrides."""
+    return dfine.load_config(CONFIG, [*tiny_overrides(output_dir, data_root, epochs, stop_epoch), *extra])

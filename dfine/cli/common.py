@@ -37,13 +37,24 @@ def config_from_args(args: argparse.Namespace, extra_overrides: Sequence[str] = 
     return load_config(args.config, [*args.update, *extra_overrides])
 
 
-def run_cli(main_body, argv: Sequence[str] | None) -> int:  # type: ignore[no-untyped-def]
-    """Run ``main_body(argv)``; config, checkpoint and input mistakes exit with code 2 and one readable
-    message, not a traceback."""
+# Mistakes in what the user gave (config, paths, checkpoint, images): a message, not a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    FileNotFoundError,
+    CheckpointError,
+    UnreadableImageError,
+)
+
+
+def run_cli(  # type: ignore[no-untyped-def]
+    main_body, argv: Sequence[str] | None, user_errors: tuple[type[Exception], ...] = ()
+) -> int:
+    """Run ``main_body(argv)``; :data:`USER_ERRORS` and the tool's own ``user_errors`` exit with code 2 and
+    one readable message, not a traceback."""
     setup_logging(None)  # console on rank 0; the trainer adds output_dir/train.log
     try:
         return int(main_body(argv) or 0)
-    except (ConfigError, FileNotFoundError, CheckpointError, UnreadableImageError) as error:
+    except (*USER_ERRORS, *user_errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -291,17 +291,8 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def _main_with_input_errors(argv: Sequence[str] | None) -> int:
-    """`_main`, with unusable inputs reported like config mistakes (exit code 2)."""
-    try:
-        return _main(argv)
-    except PredictInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main_with_input_errors, argv)
+    return run_cli(_main, argv, user_errors=(PredictInputError,))
 
 
 if __name__ == "__main__":

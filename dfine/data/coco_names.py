@@ -1,11 +1,13 @@
-"""The 80 COCO detection classes: names in label order (0..79) and their official category ids (1..90).
+"""The 80 COCO detection class names in label order (0..79).
+
+Their official category ids (1..90) are ``dfine.models.postprocessor.COCO80_TO_COCO91``.
 
 Used to name the predictions of COCO-trained weights that carry no label map (the published D-FINE files).
 """
 
 from __future__ import annotations
 
-__all__ = ["COCO_CATEGORY_IDS", "COCO_NAMES"]
+__all__ = ["COCO_NAMES"]
 
 COCO_NAMES: tuple[str, ...] = (
     "person",
@@ -89,9 +91,3 @@ COCO_NAMES: tuple[str, ...] = (
     "hair drier",
     "toothbrush",
 )
-
-# Ids 12, 26, 29, 30, 45, 66, 68, 69, 71 and 83 were defined by COCO but never annotated.
-_UNUSED_IDS = frozenset({12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
-COCO_CATEGORY_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _UNUSED_IDS)
-
-assert len(COCO_NAMES) == len(COCO_CATEGORY_IDS) == 80, "COCO has 80 detection classes"

@@ -119,11 +119,7 @@ class EvalReport:
                 evaluator.coco_gt.dataset, evaluator.to_coco_results(), image_ids=evaluator.image_ids
             )
             summary = {"val_best_f1": float(curves.best_f1), "val_f1_threshold": float(curves.best_threshold)}
-            logger.info(
-                "best F1 %.3f at confidence %.2f (IoU 0.5, all classes): a good dfine-predict --threshold",
-                curves.best_f1,
-                curves.best_threshold,
-            )
+            logger.info("%s: a good dfine-predict --threshold", curves.describe())
         except Exception as error:  # a report must never end a training run
             logger.warning("could not compute PR/F1 curves: %s", error)
         threshold = summary.get("val_f1_threshold", DEFAULT_PICTURE_THRESHOLD)

@@ -103,10 +103,6 @@ class RunLog:
             self.writer.add_image(f"{tag}/{index}", image, epoch, dataformats="CHW")
         self.writer.flush()
 
-    def text(self, tag: str, text: str, epoch: int) -> None:
-        if self.enabled:
-            self.writer.add_text(tag, text, epoch)
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

@@ -10,6 +10,7 @@ that from the epoch number), the best stage-1 weights are reloaded and EMA resta
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -563,14 +564,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    @property
+    @functools.cached_property
     def evaluator(self) -> Any:
         """One COCO evaluator per run (ground truth indexed once); its detections also feed the curves."""
-        if getattr(self, "_evaluator", None) is None:
-            from .evaluator import CocoEvaluator
+        from .evaluator import CocoEvaluator
 
-            self._evaluator = CocoEvaluator(self.val_loader.dataset.to_coco_dict())
-        return self._evaluator
+        return CocoEvaluator(self.val_loader.dataset.to_coco_dict())
 
     @property
     def eval_model(self) -> nn.Module:
