@@ -85,13 +85,21 @@ def test_export_with_postprocessing_matches_pytorch_within_1e_4(detector, static
     assert labels.dtype == np.int64 and labels.shape == (1, 16 * 4)  # K = Q * C when below 300
     assert boxes.shape == (1, 64, 4) and scores.shape == (1, 64)
     assert np.all(np.diff(scores[0]) <= 0), "scores must come best first"
+    # Independently of the traced wrapper: the plain model + postprocessor in PyTorch, so a wrapper bug (e.g.
+    # width and height swapped on the way in) cannot hide by being on both sides of the parity check.
+    model, postprocessor = detector
+    with torch.no_grad():
+        [plain] = postprocessor(model(images(1)), ORIGINAL_SIZES[:1].float())
+    np.testing.assert_array_equal(labels[0], plain["labels"].numpy())
+    np.testing.assert_allclose(boxes[0], plain["boxes"].numpy(), atol=1e-2)
+    np.testing.assert_allclose(scores[0], plain["scores"].numpy(), atol=1e-4)
 
 
 def test_export_leaves_the_callers_model_trainable(detector, static_file: Path) -> None:
     model, _ = detector
     assert not getattr(model.decoder, "deployed", False)
-    model.train()  # a deployed model raises here
-    model.eval()
+    # deploy() folds BatchNorm and merges branches, which renames and drops state-dict keys
+    assert model.state_dict().keys() == tiny_model()[0].state_dict().keys()
 
 
 def test_dynamic_batch_runs_at_1_2_and_8_with_a_symbolic_batch_dimension(
@@ -197,6 +205,14 @@ def test_swapped_detections_with_clearly_different_scores_fail() -> None:
     scores[0, 1], scores[0, 2] = 0.75, 0.85  # no longer within tolerance of the reference
     result = _compare([labels, boxes, scores])
     assert not result.passed and result.mismatched >= 1
+
+
+def test_a_box_that_differs_fails_with_its_difference_reported() -> None:
+    labels, boxes, scores = (t.numpy().copy() for t in _detections())
+    boxes[0, 0] += 1.0  # 1 pixel of a 64-pixel image: 1.6e-2, far above the 1e-4 tolerance
+    result = _compare([labels, boxes, scores])
+    assert not result.passed and result.max_difference["boxes"] == pytest.approx(1 / 64)
+    assert result.max_difference["scores"] == 0.0
 
 
 def test_a_label_that_differs_fails_even_with_identical_scores() -> None:

@@ -265,3 +265,5 @@ def test_draw_detections_changes_pixels_on_boxes_and_handles_no_boxes_and_boxes_
     assert not torch.equal(drawn[:, 63, 70], image[:, 63, 70]), "box clipped to the bottom-right corner"
     assert torch.equal(drawn[:, 30, 45], torch.full((3,), 255, dtype=torch.uint8)), "white ground-truth edge"
     assert torch.equal(drawn[:, 45, 25], image[:, 45, 25]), "inside of a box stays untouched"
+    outside = draw_detections(image, bad, torch.tensor([2, 2, 2]), torch.tensor([0.6, 0.5, 0.4]), NAMES)
+    assert torch.equal(outside, image), "inverted, non-finite and wholly outside boxes draw nothing"

@@ -151,16 +151,22 @@ def test_ctrl_c_saves_last_pth_with_the_weights_so_far_and_resume_redoes_that_ep
     # epoch 1 ran one of its 2 steps: the weights after it are saved, the epoch counts as not done
     assert saved["epoch"] == 1 and saved["interrupted"] == {"epoch": 1, "global_step": 3}
     assert saved["global_step"] == 2
+    assert saved["lr_schedule"]["global_step"] == 2, "the schedule must rewind to the epoch's start"
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(saved["model"][key], value), key
+    # a line the checkpoint never saw (as from a crash after writing it): the resumed run must drop it
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write(json.dumps({"epoch": 1, "stale": True}) + "\n")
 
     resumed = Trainer(cfg, resume="auto")
     assert resumed.epoch == 1 and resumed.global_step == 2
+    assert resumed.lr_schedule.global_step == 2
     resumed.fit()
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
-    assert resumed.global_step == 6  # the schedule saw each epoch's steps exactly once
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert resumed.global_step == resumed.lr_schedule.global_step == 6  # each epoch's steps exactly once
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert not any("stale" in line for line in lines)
 
 
 def test_ctrl_c_through_dfine_train_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,11 +222,15 @@ def test_validation_pictures_draw_ground_truth_and_detections(
         trainer.model, trainer.postprocessor, dataset, [0, 1], trainer.device, ["a", "b", "c", "d"], 0.0
     )
     assert len(pictures) == 2 and pictures[0].dtype == torch.uint8
+    assert len(drawn) == 2, "every picture goes through draw_detections"
     for index, call in enumerate(drawn):
         _, target = dataset[index]
         truth_boxes, truth_labels = call["truth"]
         assert torch.equal(truth_labels, target["labels"])
-        size = pictures[index].shape[-1]
-        centre = (truth_boxes[:, :2] + truth_boxes[:, 2:]) / 2 / size
-        torch.testing.assert_close(centre, target["boxes"][:, :2])
+        height, width = pictures[index].shape[-2:]
+        cx, cy, w, h = target["boxes"].unbind(-1)  # normalised cxcywh
+        expected = torch.stack(
+            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], -1
+        )
+        torch.testing.assert_close(truth_boxes, expected)
         assert len(call["boxes"]) > 0  # threshold 0 keeps every detection
