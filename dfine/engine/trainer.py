@@ -471,7 +471,10 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
             images_per_s = seen_images / max(time.time() - start, 1e-9)
-            bar.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr_used:.2e} img/s {images_per_s:.1f}")
+            # drawn at tqdm's own refresh interval, not forced on every step
+            bar.set_postfix_str(
+                f"loss {sum(losses.values()):.3f} lr {lr_used:.2e} img/s {images_per_s:.1f}", refresh=False
+            )
             if last_micro_step and self.global_step % self.print_freq == 0:
                 lrs = [group["lr"] for group in self.optimizer.param_groups]
                 self.run_log.step(self.global_step, losses, lrs, images_per_s)
