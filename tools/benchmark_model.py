@@ -1,6 +1,7 @@
 """Eval latency (batch 1) and throughput (batch 16) of our D-FINE on several backends, HF port as reference.
 
-Every backend of a size gets the same realistic weights (dfine.testing) and the same input. Backends:
+Every backend of a size gets the same realistic weights (dfine.models.realistic_weights) and the same input.
+Backends:
 
     hf             HuggingFace DFineForObjectDetection, eager fp32: the reference of the ratios
     eager          ours, eval mode, fp32, no deploy()
@@ -10,7 +11,7 @@ Every backend of a size gets the same realistic weights (dfine.testing) and the 
     bf16, fp16     torch.autocast of the channels-last model; run by default only where the device has
                    native support (CPU: oneDNN bf16/fp16 kernels; CUDA: always fp16, bf16 from Ampere on).
                    Asked for by name without it, they run emulated (~8x slower on an AVX2 CPU) and say so
-    onnxruntime    dfine.export.export_onnx (raw outputs, dynamic batch), one session of --threads threads
+    onnxruntime    dfine.deploy.onnx_export.export_onnx (raw outputs, dynamic batch), one session, --threads
     original       the original D-FINE after its deploy() (with --original; DFINE_ORIG_DIR or ../orig)
 
 After one warm-up round, the backends are timed in interleaved rounds (one call of each per round), so load
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 import dfine
-from dfine.testing import random_images, realistic_state_dict
+from dfine.models.realistic_weights import random_images, realistic_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("hf", "eager", "deploy", "channels-last", "compile", "bf16", "fp16", "onnxruntime")
@@ -105,7 +106,7 @@ def hf_backend(cfg: dict, weights: dict[str, Tensor], device: torch.device) -> B
     try:
         from transformers import DFineForObjectDetection
 
-        from dfine.hf_conversion import dfine_to_hf_state_dict, hf_config_from_dfine_config
+        from dfine.hf.conversion import dfine_to_hf_state_dict, hf_config_from_dfine_config
     except ImportError as error:
         raise Unavailable(f"transformers is not installed ({error})") from error
     hf = DFineForObjectDetection(hf_config_from_dfine_config(cfg))
@@ -134,9 +135,9 @@ def autocast_backend(model: nn.Module, device: torch.device, name: str) -> Backe
 
 def onnxruntime_backend(cfg: dict, weights: dict[str, Tensor], args: argparse.Namespace, folder: Path):
     try:
-        from dfine.export import export_onnx, make_session, require_onnx
+        from dfine.deploy.onnx_export import export_onnx, make_session, require_onnx
     except ImportError as error:
-        raise Unavailable(f"dfine.export is not available ({error})") from error
+        raise Unavailable(f"dfine.deploy.onnx_export is not available ({error})") from error
     try:
         _, runtime = require_onnx()
     except ImportError as error:

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 import dfine
-from dfine.engine.checkpoint_io import extract_model_state, load_checkpoint
-from dfine.hf_config import import_transformers
-from dfine.hf_conversion import load_hf_pretrained, save_hf_pretrained
+from dfine.checkpoint import extract_model_state, load_checkpoint
+from dfine.hf.config import import_transformers
+from dfine.hf.conversion import load_hf_pretrained, save_hf_pretrained
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ original's criterion settings, and its loss terms in three cases:
 Usage (with the original repository checked out, e.g. ``git clone https://github.com/Peterande/D-FINE``)::
 
     DFINE_ORIG_DIR=../D-FINE python tools/make_criterion_fixture.py
-    # writes tests/fixtures/criterion_parity.pt (~0.5 MB); tests/test_criterion.py reads it
+    # writes tests/fixtures/criterion_parity.pt (~0.5 MB); tests/losses/test_criterion.py reads it
 
 The helpers (:func:`build_original`, :func:`perturb_weights`, :func:`clone_outputs`) are also used by the
 live parity tests and by tools/benchmark_criterion.py.

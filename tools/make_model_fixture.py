@@ -1,13 +1,14 @@
 """Record the original D-FINE model's outputs so CI can re-check our model's parity without the original code.
 
-The weights are not stored: :func:`dfine.testing.realistic_state_dict` regenerates them from a seed and the
+The weights are not stored: :func:`dfine.models.realistic_weights.realistic_state_dict` regenerates them
+from a seed and the
 key names, which both code bases share. The fixture stores the original's key list and shapes, the seed, a
 checksum of the weights, and the original's eval and training outputs on a seeded 320x320 image.
 
 Usage (with the original repository checked out, e.g. ``git clone https://github.com/Peterande/D-FINE``)::
 
     DFINE_ORIG_DIR=../D-FINE python tools/make_model_fixture.py --size n
-    # writes tests/fixtures/model_parity_n.pt (~0.3 MB); tests/test_model_parity.py reads it
+    # writes tests/fixtures/model_parity_n.pt (~0.3 MB); tests/models/test_model_parity.py reads it
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dfine.testing import random_images, realistic_state_dict, state_dict_checksum
+from dfine.models.realistic_weights import random_images, realistic_state_dict, state_dict_checksum
 
 SEED = 7
 IMAGE_SIZE = (320, 320)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import dfine
-from dfine.model_info import count_gflops, count_parameters
+from dfine.deploy.model_info import count_gflops, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("n", "s", "m", "l", "x")

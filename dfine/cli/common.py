@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..config import Config, load_config
-from ..data.image_io import UnreadableImageError
-from ..engine.checkpoint_io import CheckpointError
-from ..engine.distributed import setup_logging
-from ..registry import ConfigError
+from dfine.checkpoint import CheckpointError
+from dfine.config import Config, load_config
+from dfine.config.registry import ConfigError
+from dfine.data.image_io import UnreadableImageError
+from dfine.distributed import setup_logging
 
 __all__ = ["add_config_arguments", "config_from_args", "run_cli"]
 

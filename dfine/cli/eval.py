@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import add_config_arguments, config_from_args, run_cli
+from dfine.cli.common import add_config_arguments, config_from_args, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -53,11 +53,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     import torch
 
-    from ..builder import build_model, build_postprocessor
-    from ..data import build_dataloader
-    from ..engine.checkpoint_io import extract_model_state, load_checkpoint, load_weights_strict
-    from ..engine.evaluation import evaluate
-    from ..engine.evaluator import CocoEvaluator, score_results_file
+    from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
+    from dfine.config.build import build_model, build_postprocessor
+    from dfine.data import build_dataloader
+    from dfine.evaluation.coco_evaluator import CocoEvaluator, score_results_file
+    from dfine.evaluation.loop import evaluate
 
     loader = build_dataloader(
         cfg["val_dataloader"],

@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..registry import ConfigError
-from .common import add_config_arguments, config_from_args, run_cli
+from dfine.cli.common import add_config_arguments, config_from_args, run_cli
+from dfine.config.registry import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -111,7 +111,7 @@ def _validation_samples(cfg: Mapping[str, Any], image_size: Sequence[int]):  # t
     """The first validation images as the evaluation pipeline makes them, and a timed reader of them."""
     import torch
 
-    from ..data import build_dataloader, original_frame_size
+    from dfine.data import build_dataloader, original_frame_size
 
     try:
         dataset = build_dataloader(
@@ -152,8 +152,8 @@ def _random_samples(cfg: Mapping[str, Any], image_size: Sequence[int]):  # type:
     import torch
     from PIL import Image
 
-    from ..data import build_transforms
-    from ..testing import random_images
+    from dfine.data import build_transforms
+    from dfine.models.realistic_weights import random_images
 
     height, width = image_size
     images = random_images(NUM_SAMPLES, height, width, seed=0)
@@ -193,7 +193,7 @@ def _final_detections(postprocessor: Any) -> Callable[[list[Any]], Any]:
 
 def _providers(device: Any) -> list[str]:
     """onnxruntime providers matching the PyTorch device: CUDA when both have it, else the CPU."""
-    from ..export import require_onnx
+    from dfine.deploy.onnx_export import require_onnx
 
     available = require_onnx()[1].get_available_providers()
     if device.type == "cuda" and "CUDAExecutionProvider" in available:
@@ -208,8 +208,8 @@ def _providers(device: Any) -> list[str]:
 def _check_batches(
     path: Path, reference: Any, images: Any, sizes: Any, args: argparse.Namespace, providers: list[str]
 ) -> bool:
-    from ..export import baked_batch_dimension, make_session
-    from ..export_check import check_onnx_parity, repeat_to_batch
+    from dfine.deploy.export_check import check_onnx_parity, repeat_to_batch
+    from dfine.deploy.onnx_export import baked_batch_dimension, make_session
 
     baked = baked_batch_dimension(path)
     if baked and args.dynamic_batch:
@@ -239,8 +239,8 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Config (at the export size), the checkpoint's model and post-processor, and the file's metadata."""
     import torch
 
-    from ..builder import build_model, build_postprocessor
-    from ..engine.checkpoint_io import extract_model_state, load_checkpoint, load_weights_strict
+    from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
+    from dfine.config.build import build_model, build_postprocessor
 
     checkpoint = load_checkpoint(args.resume)
     device_override = [f"device={args.device}"] if args.device else []
@@ -271,9 +271,9 @@ def _benchmark(
     args: argparse.Namespace,
     providers: list[str],
 ) -> None:
-    from ..builder import build_postprocessor
-    from ..export import make_session
-    from ..export_check import benchmark_onnx
+    from dfine.config.build import build_postprocessor
+    from dfine.deploy.export_check import benchmark_onnx
+    from dfine.deploy.onnx_export import make_session
 
     feed = {"images": images[:1].cpu().numpy()}
     if args.no_postprocess:
@@ -293,7 +293,7 @@ def _benchmark(
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from ..export import ExportableDetector, export_onnx, require_onnx, simplify_onnx
+    from dfine.deploy.onnx_export import ExportableDetector, export_onnx, require_onnx, simplify_onnx
 
     try:
         require_onnx()

@@ -30,10 +30,10 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ..data.image_io import UnreadableImageError, load_image
-from ..predict import PredictInputError, Prediction, Predictor
-from ..visualize import draw_detections, save_image
-from .common import add_config_arguments, config_from_args, run_cli
+from dfine.cli.common import add_config_arguments, config_from_args, run_cli
+from dfine.data.image_io import UnreadableImageError, load_image
+from dfine.inference.drawing import draw_detections, save_image
+from dfine.inference.predictor import PredictInputError, Prediction, Predictor
 
 __all__ = ["VideoFrames", "VideoWriter", "build_parser", "collect_inputs", "is_video", "main"]
 

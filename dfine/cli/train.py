@@ -5,7 +5,7 @@ Examples:
     dfine-train -c configs/dfine/dfine_hgnetv2_s_coco.yml --use-amp --seed 0
     dfine-train -c CFG -r auto                      # resume from output_dir/last.pth when it exists
     dfine-train -c CFG -t dfine_s_obj365.pth        # fine-tune from weights (class heads re-initialised)
-    torchrun --nproc_per_node=4 -m dfine.train -c CFG
+    torchrun --nproc_per_node=4 -m dfine.cli.train -c CFG
     dfine-train -c CFG --print-config               # show the fully resolved config and exit
     dfine-train -c CFG --check-data                 # check images and annotations, exit 0 when trainable
     dfine-train -c CFG --show-batch 2               # draw 2 augmented training batches to output_dir
@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import Config, dump_config
-from .common import add_config_arguments, config_from_args, run_cli
+from dfine.cli.common import add_config_arguments, config_from_args, run_cli
+from dfine.config import Config, dump_config
 
 __all__ = ["build_parser", "flag_overrides", "main"]
 
@@ -76,7 +76,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_data(cfg: Config) -> int:
     """Print a report for the training and validation datasets; 0 when both can be trained on."""
-    from ..data import build_dataloader, check_dataset
+    from dfine.data import build_dataloader, check_dataset
 
     ok = True
     for split in ("train", "val"):
@@ -96,7 +96,8 @@ def check_data(cfg: Config) -> int:
 
 
 def show_batches(cfg: Config, num_batches: int) -> int:
-    from ..data import build_dataloader, save_batch_pictures
+    from dfine.data import build_dataloader
+    from dfine.inference.show_batch import save_batch_pictures
 
     loader = build_dataloader(
         cfg["train_dataloader"], split="train", seed=cfg.get("seed") or 0, num_classes=cfg.get("num_classes")
@@ -119,7 +120,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.show_batch:
         return show_batches(cfg, args.show_batch)
 
-    from ..engine.trainer import Trainer
+    from dfine.engine.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, tune=args.tune)
     metrics = trainer.evaluate() if args.test_only else trainer.fit()

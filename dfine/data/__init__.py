@@ -6,7 +6,6 @@ Importing this package registers the dataset types (``CocoDetection``, ``YoloDet
 
 - `build_dataloader` (a ``train_dataloader`` / ``val_dataloader`` block -> loader with ``set_epoch``),
 - `check_dataset` (-> `DatasetReport` with ``ok`` and ``summary_lines()``),
-- `save_batch_pictures` (``--show-batch N``),
 - ``loader.dataset.label_map`` (`LabelMap`: labels <-> category ids and names, stored in checkpoints).
 """
 
@@ -27,7 +26,6 @@ from dfine.data.loader import (
     check_dataloader_block,
     per_rank_batch_size,
 )
-from dfine.data.show import draw_batch, save_batch_pictures
 from dfine.data.synthetic import QuickstartDetection, ensure_quickstart
 from dfine.data.transforms import letterbox_geometry, original_frame_size
 from dfine.data.voc import VOCDetection
@@ -54,7 +52,6 @@ __all__ = [
     "build_transforms",
     "check_dataloader_block",
     "check_dataset",
-    "draw_batch",
     "ensure_quickstart",
     "letterbox_geometry",
     "load_image",
@@ -62,5 +59,4 @@ __all__ = [
     "original_frame_size",
     "per_rank_batch_size",
     "read_image_size",
-    "save_batch_pictures",
 ]

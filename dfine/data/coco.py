@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from dfine.config.registry import DATASETS, ConfigError
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.label_map import LabelMap
-from dfine.registry import DATASETS, ConfigError
 
 __all__ = ["CocoDetection", "parse_coco"]
 

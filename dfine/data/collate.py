@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dfine.config.registry import COLLATORS
 from dfine.data.epoch import SharedEpoch
-from dfine.registry import COLLATORS
 
 __all__ = ["BatchImageCollateFunction", "multi_scale_sizes"]
 

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dfine.registry import TRANSFORMS, ConfigError, did_you_mean
+from dfine.config.registry import TRANSFORMS, ConfigError, did_you_mean
 
 __all__ = ["Compose", "build_transforms"]
 

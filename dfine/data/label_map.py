@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from dfine.registry import ConfigError
+from dfine.config.registry import ConfigError
 
 __all__ = ["LabelEntry", "LabelMap"]
 

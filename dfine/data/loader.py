@@ -26,9 +26,9 @@ import torch
 import torch.utils.data
 from torch.utils.data import DistributedSampler, Sampler
 
+from dfine.config.registry import COLLATORS, DATASETS, ConfigError, did_you_mean
 from dfine.data.compose import build_transforms
 from dfine.data.epoch import mix_seed
-from dfine.registry import COLLATORS, DATASETS, ConfigError, did_you_mean
 
 __all__ = ["DataLoader", "ShardSampler", "build_dataloader", "check_dataloader_block", "per_rank_batch_size"]
 

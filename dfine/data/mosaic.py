@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from dfine.registry import TRANSFORMS
+from dfine.config.registry import TRANSFORMS
 
 __all__ = ["Mosaic"]
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dfine.config.registry import DATASETS
 from dfine.data.coco import CocoDetection
-from dfine.registry import DATASETS
 
 __all__ = [
     "QUICKSTART_CLASSES",

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 
-from dfine.registry import TRANSFORMS
+from dfine.config.registry import TRANSFORMS
 
 __all__ = [
     "ConvertBoxes",

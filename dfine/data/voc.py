@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dfine.config.registry import DATASETS, ConfigError
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.label_map import LabelMap
-from dfine.registry import DATASETS, ConfigError
 
 __all__ = ["VOCDetection", "parse_voc_xml"]
 

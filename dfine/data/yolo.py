@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
+from dfine.config.registry import DATASETS, ConfigError
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.image_io import try_read_image_size
 from dfine.data.label_map import LabelMap
-from dfine.registry import DATASETS, ConfigError
 
 __all__ = ["IMAGE_SUFFIXES", "YoloDetection", "read_names"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfine.engine.distributed import unwrap_model
+from dfine.distributed import unwrap_model
 
 __all__ = ["ModelEMA"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfine.engine.distributed import unwrap_model
-from dfine.registry import ConfigError, did_you_mean
+from dfine.config.registry import ConfigError, did_you_mean
+from dfine.distributed import unwrap_model
 
 __all__ = [
     "OPTIMIZERS",

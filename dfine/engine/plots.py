@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfine.engine.curves import DetectionCurves
+from dfine.evaluation.curves import DetectionCurves
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -186,7 +186,8 @@ def plot_pr_curve(curves: DetectionCurves, path: str | Path) -> Path:
     """Precision vs recall per class (thin, AP in the legend) and over all classes (thick, mAP).
 
     Args:
-        curves: from :func:`dfine.engine.curves.detection_curves`; classes without ground truth are left out.
+        curves: from :func:`dfine.evaluation.curves.detection_curves`; classes without ground truth are
+            left out.
         path: where the PNG goes (e.g. ``output_dir / "pr_curve.png"``); parent folders are created.
 
     Returns:
@@ -223,7 +224,8 @@ def plot_f1_curve(curves: DetectionCurves, path: str | Path) -> Path:
     """F1 vs confidence threshold per class (thin) and averaged (thick), with the best threshold marked.
 
     Args:
-        curves: from :func:`dfine.engine.curves.detection_curves`; classes without ground truth are left out.
+        curves: from :func:`dfine.evaluation.curves.detection_curves`; classes without ground truth are
+            left out.
         path: where the PNG goes (e.g. ``output_dir / "f1_curve.png"``); parent folders are created.
 
     Returns:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from .run_log import RunLog
+from dfine.engine.run_log import RunLog
 
 __all__ = ["EvalReport", "validation_pictures"]
 
@@ -41,7 +41,7 @@ def validation_pictures(
     Returns:
         uint8 [3, H, W] pictures, one per index.
     """
-    from ..visualize import draw_detections
+    from dfine.inference.drawing import draw_detections
 
     was_training = model.training
     model.eval()
@@ -109,8 +109,8 @@ class EvalReport:
         """Write this evaluation's pictures; returns ``val_best_f1`` and ``val_f1_threshold`` for the log."""
         if not self.enabled:
             return {}
-        from .curves import detection_curves
-        from .plots import matplotlib_available
+        from dfine.engine.plots import matplotlib_available
+        from dfine.evaluation.curves import detection_curves
 
         summary: dict[str, float] = {}
         curves = None
@@ -135,7 +135,7 @@ class EvalReport:
         return summary
 
     def _plots(self, history: Sequence[Mapping[str, Any]], curves: Any) -> None:
-        from .plots import plot_f1_curve, plot_pr_curve, plot_results
+        from dfine.engine.plots import plot_f1_curve, plot_pr_curve, plot_results
 
         jobs = [(plot_results, history, "results.png")]
         if curves is not None:
@@ -165,7 +165,7 @@ class EvalReport:
         except Exception as error:  # a report must never end a training run
             logger.warning("could not draw validation pictures: %s", error)
             return
-        from ..visualize import save_image
+        from dfine.inference.drawing import save_image
 
         if len({tuple(p.shape) for p in pictures}) == 1:
             grid = make_grid(pictures, nrow=min(count, 4), padding=4, pad_value=255)

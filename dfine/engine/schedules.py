@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dfine.registry import ConfigError, did_you_mean
+from dfine.config.registry import ConfigError, did_you_mean
 
 __all__ = ["FlatCosineLR", "LRSchedule", "LinearWarmup", "MultiStepLR", "build_lr_schedule"]
 

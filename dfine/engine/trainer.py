@@ -26,11 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..builder import build_criterion, build_model, build_postprocessor
-from ..config import Config, dump_config
-from ..registry import ConfigError
-from . import distributed as dist_utils
-from .checkpoint_io import (
+from dfine import distributed as dist_utils
+from dfine.checkpoint import (
     capture_rng_state,
     class_map_from_names,
     load_checkpoint,
@@ -39,12 +36,15 @@ from .checkpoint_io import (
     restore_rng_state,
     save_atomic,
 )
-from .ema import ModelEMA
-from .health import zero_ap_warning
-from .optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
-from .reports import EvalReport
-from .run_log import RunLog
-from .schedules import build_lr_schedule
+from dfine.config import Config, dump_config
+from dfine.config.build import build_criterion, build_model, build_postprocessor
+from dfine.config.registry import ConfigError
+from dfine.engine.ema import ModelEMA
+from dfine.engine.health import zero_ap_warning
+from dfine.engine.optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
+from dfine.engine.reports import EvalReport
+from dfine.engine.run_log import RunLog
+from dfine.engine.schedules import build_lr_schedule
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -212,7 +212,9 @@ class Trainer:
         return Config(scaled, cfg.sources)
 
     def _build_loaders(self) -> tuple[Any, Any]:
-        from ..data import build_dataloader  # data sits beside engine; imported here to keep start-up light
+        from dfine.data import (
+            build_dataloader,  # data sits beside engine; imported here to keep start-up light
+        )
 
         common = {
             "world_size": self.context.world_size,
@@ -234,7 +236,7 @@ class Trainer:
 
     def _check_data(self, *datasets: Any) -> None:
         """Fail at start-up, not hours in, when image files are missing (``--check-data`` looks deeper)."""
-        from ..data import check_dataset
+        from dfine.data import check_dataset
 
         problems = []
         if self.context.is_main:
@@ -570,7 +572,7 @@ class Trainer:
     @functools.cached_property
     def evaluator(self) -> Any:
         """One COCO evaluator per run (ground truth indexed once); its detections also feed the curves."""
-        from .evaluator import CocoEvaluator
+        from dfine.evaluation.coco_evaluator import CocoEvaluator
 
         return CocoEvaluator(self.val_loader.dataset.to_coco_dict())
 
@@ -581,7 +583,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """COCO metrics of :attr:`eval_model` on the validation set (written to ``output_dir/eval.json``)."""
-        from .evaluation import evaluate
+        from dfine.evaluation.loop import evaluate
 
         metrics = evaluate(self.eval_model, self.postprocessor, self.val_loader, self.device, self.evaluator)
         if self.context.is_main:

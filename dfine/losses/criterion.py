@@ -26,10 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..registry import LOSSES, ConfigError, did_you_mean
-from .loss_terms import cxcywh_to_xyxy_nonnegative
-from .output_terms import BatchContext, FglTargets, LossSettings, Supervision, fgl_targets, output_terms
-from .pairs import Matching, Pairs, denoising_matches, to_device, union_of_matches
+from dfine.config.registry import LOSSES, ConfigError, did_you_mean
+from dfine.losses.loss_terms import cxcywh_to_xyxy_nonnegative
+from dfine.losses.output_terms import (
+    BatchContext,
+    FglTargets,
+    LossSettings,
+    Supervision,
+    fgl_targets,
+    output_terms,
+)
+from dfine.losses.pairs import Matching, Pairs, denoising_matches, to_device, union_of_matches
 
 __all__ = ["DFINECriterion"]
 

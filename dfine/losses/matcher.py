@@ -19,8 +19,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ..registry import LOSSES, ConfigError, did_you_mean
-from .loss_terms import cxcywh_to_xyxy_nonnegative, paired_iou_and_giou
+from dfine.config.registry import LOSSES, ConfigError, did_you_mean
+from dfine.losses.loss_terms import cxcywh_to_xyxy_nonnegative, paired_iou_and_giou
 
 __all__ = ["HungarianMatcher", "ImageMatch"]
 

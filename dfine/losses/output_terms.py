@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..ops.fdr import box_to_distance
-from .loss_terms import (
+from dfine.losses.loss_terms import (
     box_losses,
     cxcywh_to_xyxy_nonnegative,
     decoupled_distillation_loss,
@@ -23,7 +22,8 @@ from .loss_terms import (
     sigmoid_focal_loss,
     varifocal_loss,
 )
-from .pairs import Pairs
+from dfine.losses.pairs import Pairs
+from dfine.ops.fdr import box_to_distance
 
 __all__ = ["BatchContext", "LossSettings", "Supervision", "fgl_targets", "output_terms"]
 

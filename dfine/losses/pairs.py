@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .matcher import ImageMatch
+from dfine.losses.matcher import ImageMatch
 
 __all__ = ["Matching", "Pairs", "denoising_matches", "to_device", "union_of_matches"]
 

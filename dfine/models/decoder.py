@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import MODELS
-from .common import conv_with_bias_like, fold_norm_into_conv
-from .decoder_layers import MLP, DecoderHeads, DecoderLayer, FDRDecoder
-from .deformable_attention import SAMPLING_METHODS
-from .denoising import build_denoising_queries
-from .encoder_queries import QUERY_SELECT_METHODS, make_anchors, select_top_queries
+from dfine.config.registry import MODELS
+from dfine.models.common import conv_with_bias_like, fold_norm_into_conv
+from dfine.models.decoder_layers import MLP, DecoderHeads, DecoderLayer, FDRDecoder
+from dfine.models.deformable_attention import SAMPLING_METHODS
+from dfine.models.denoising import build_denoising_queries
+from dfine.models.encoder_queries import QUERY_SELECT_METHODS, make_anchors, select_top_queries
 
 __all__ = ["DFINETransformer"]
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.fdr import distance_to_box, distribution_integral, weighting_function
-from .common import get_activation
-from .deformable_attention import MSDeformableAttention, split_value_levels
-from .denoising import inverse_sigmoid
+from dfine.models.common import get_activation
+from dfine.models.deformable_attention import MSDeformableAttention, split_value_levels
+from dfine.models.denoising import inverse_sigmoid
+from dfine.ops.fdr import distance_to_box, distribution_integral, weighting_function
 
 __all__ = [
     "LQE",

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from dfine.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 __all__ = ["DenoisingQueries", "build_denoising_queries", "denoising_attention_mask", "inverse_sigmoid"]
 

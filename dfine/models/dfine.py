@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import MODELS
+from dfine.config.registry import MODELS
 
 __all__ = ["DFINE"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import ConvNormLayer, get_activation
+from dfine.models.common import ConvNormLayer, get_activation
 
 __all__ = ["CSPLayer", "RepNCSPELAN4", "RepVGGBlock", "SCDown"]
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import MODELS
-from .common import conv_with_bias_like, fold_norm_into_conv, freeze_batch_norm
+from dfine.config.registry import MODELS
+from dfine.models.common import conv_with_bias_like, fold_norm_into_conv, freeze_batch_norm
 
 __all__ = ["VARIANTS", "HGNetv2"]
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import MODELS
-from .common import ConvNormLayer, get_activation
-from .fusion_blocks import RepNCSPELAN4, SCDown
+from dfine.config.registry import MODELS
+from dfine.models.common import ConvNormLayer, get_activation
+from dfine.models.fusion_blocks import RepNCSPELAN4, SCDown
 
 __all__ = ["HybridEncoder", "TransformerEncoderLayer", "sincos_position_embedding"]
 

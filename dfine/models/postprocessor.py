@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import MODELS
+from dfine.config.registry import MODELS
 
 __all__ = ["COCO80_TO_COCO91", "DFINEPostProcessor", "Detections"]
 

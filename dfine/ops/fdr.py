@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .box_ops import box_xyxy_to_cxcywh
+from dfine.ops.box_ops import box_xyxy_to_cxcywh
 
 __all__ = [
     "box_to_distance",

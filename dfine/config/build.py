@@ -1,0 +1,103 @@
+"""Build the model, criterion and post-processor from a resolved config.
+
+Values several components need (``num_classes``, ``eval_spatial_size``, ``use_focal_loss``) live once at the
+top level of the config; this module hands them over explicitly, so reading a builder tells who gets what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from dfine.config.loading import Config
+from dfine.config.registry import LOSSES, MODELS, ConfigError
+
+__all__ = ["build_criterion", "build_model", "build_postprocessor"]
+
+
+def _where(cfg: Mapping[str, Any], path: str) -> str:
+    return cfg.where(path) if isinstance(cfg, Config) else path
+
+
+def _require(cfg: Mapping[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ConfigError(f"{_where(cfg, key)} is missing: the config must set '{key}' at the top level.")
+    return cfg[key]
+
+
+def _spatial_size(cfg: Mapping[str, Any]) -> list[int] | None:
+    size = cfg.get("eval_spatial_size")
+    return list(size) if size is not None else None
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the detector described by ``cfg["model"]`` (``{type: DFINE, backbone, encoder, decoder}``).
+
+    The backbone is built first; the encoder's ``in_channels`` and ``feat_strides`` are checked against what
+    the backbone returns, because a mismatch there otherwise surfaces as an opaque conv shape error.
+    """
+    block = dict(_require(cfg, "model"))
+    parts = {}
+    for name in ("backbone", "encoder", "decoder"):
+        if not isinstance(block.get(name), Mapping):
+            raise ConfigError(
+                f"{_where(cfg, 'model.' + name)} is missing: model needs a {{type: ...}} block '{name}'."
+            )
+    num_classes = _require(cfg, "num_classes")
+    size = _spatial_size(cfg)
+    parts["backbone"] = MODELS.build(block["backbone"], _where(cfg, "model.backbone"))
+    _check_encoder_inputs(cfg, parts["backbone"], block["encoder"])
+    parts["encoder"] = MODELS.build(block["encoder"], _where(cfg, "model.encoder"), eval_spatial_size=size)
+    parts["decoder"] = MODELS.build(
+        block["decoder"], _where(cfg, "model.decoder"), num_classes=num_classes, eval_spatial_size=size
+    )
+    outer = {k: v for k, v in block.items() if k not in parts}
+    return MODELS.build(outer, _where(cfg, "model"), **parts)
+
+
+def _check_encoder_inputs(cfg: Mapping[str, Any], backbone: nn.Module, encoder: Mapping[str, Any]) -> None:
+    channels = getattr(backbone, "out_channels", None)
+    strides = getattr(backbone, "out_strides", None)
+    if channels is not None and "in_channels" in encoder and list(encoder["in_channels"]) != list(channels):
+        raise ConfigError(
+            f"{_where(cfg, 'model.encoder.in_channels')} is {list(encoder['in_channels'])} "
+            f"but the backbone returns feature maps with {list(channels)} channels "
+            f"(return_idx {getattr(backbone, 'return_idx', '?')}); "
+            f"set model.encoder.in_channels: {list(channels)}."
+        )
+    if strides is not None and "feat_strides" in encoder and list(encoder["feat_strides"]) != list(strides):
+        raise ConfigError(
+            f"{_where(cfg, 'model.encoder.feat_strides')} is {list(encoder['feat_strides'])} "
+            "but the backbone's "
+            f"feature strides are {list(strides)}; set model.encoder.feat_strides: {list(strides)}."
+        )
+
+
+def build_criterion(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the training loss ``cfg["criterion"]`` with its ``matcher`` block built first."""
+    block = dict(_require(cfg, "criterion"))
+    matcher_block = block.pop("matcher", None)
+    if not isinstance(matcher_block, Mapping):
+        raise ConfigError(
+            f"{_where(cfg, 'criterion.matcher')} is missing: the criterion needs a matcher block."
+        )
+    matcher = LOSSES.build(
+        matcher_block, _where(cfg, "criterion.matcher"), use_focal_loss=cfg.get("use_focal_loss", True)
+    )
+    return LOSSES.build(
+        block, _where(cfg, "criterion"), matcher=matcher, num_classes=_require(cfg, "num_classes")
+    )
+
+
+def build_postprocessor(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build ``cfg["postprocessor"]`` (scores, top-k, boxes in pixels) with the shared class settings."""
+    block = dict(_require(cfg, "postprocessor"))
+    return MODELS.build(
+        block,
+        _where(cfg, "postprocessor"),
+        num_classes=_require(cfg, "num_classes"),
+        use_focal_loss=cfg.get("use_focal_loss", True),
+        remap_mscoco_category=cfg.get("remap_mscoco_category", False),
+    )
