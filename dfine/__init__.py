@@ -12,9 +12,13 @@ Package layout (imports point downward): cli -> engine -> evaluation / inference
 checkpoint, distributed -> data, losses, models -> ops, config.
 """
 
-# Importing the layers registers their components (models, losses, datasets, transforms) by name.
+# Importing the layers registers their components by name: models, losses, datasets, transforms, the
+# evaluator, and the engine's optimizers, lr schedules, EMA and grad scaler. Config validation looks every
+# block's type up when a config is loaded, so all of them must be registered by then.
 from dfine import data, losses, models  # noqa: F401
 from dfine.config import Config, ConfigError, build_criterion, build_model, build_postprocessor, load_config
+from dfine.engine import ema, optim, precision, schedules  # noqa: F401
+from dfine.evaluation import coco_evaluator  # noqa: F401
 from dfine.inference.predictor import Predictor
 
 __version__ = "0.1.0"

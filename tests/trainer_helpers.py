@@ -1,12 +1,15 @@
 """A tiny trainable quickstart config shared by the trainer and CLI tests (seconds per epoch on one CPU core).
 
 96-pixel images (multi-scale draws 64 or 96), HGNetv2-B0 with a 32-wide encoder/decoder, 2 decoder layers,
-16 queries, 4 training images in batches of 2 (2 steps per epoch), 2 validation images, no workers.
+16 queries, 4 training images in batches of 2 (2 steps per epoch), 2 validation images, no workers. Also
+the state-dict comparisons the engine tests share.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 import dfine
 
@@ -62,3 +65,14 @@ def tiny_config(
 ) -> dfine.Config:
     """configs/quickstart.yml with :func:`tiny_overrides`, then ``extra`` overrides."""
     return dfine.load_config(CONFIG, [*tiny_overrides(output_dir, data_root, epochs, stop_epoch), *extra])
+
+
+def clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s state dict (weights change in place while training)."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def differing_keys(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors are not exactly equal (both state dicts must have the same keys)."""
+    assert first.keys() == second.keys(), "state dicts with different keys"
+    return [key for key in first if not torch.equal(first[key], second[key])]

@@ -56,7 +56,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
     from dfine.config.build import build_model, build_postprocessor
     from dfine.data import build_dataloader
-    from dfine.evaluation.coco_evaluator import CocoEvaluator, score_results_file
+    from dfine.evaluation.coco_evaluator import build_evaluator, score_results_file
     from dfine.evaluation.loop import evaluate
 
     loader = build_dataloader(
@@ -78,7 +78,9 @@ def _main(argv: Sequence[str] | None) -> int:
         logger.info("evaluating %s weights of %s", source, args.resume)
         label_map = checkpoint.get("label_map") if isinstance(checkpoint, dict) else None
         category_ids = [int(entry["category_id"]) for entry in label_map] if label_map else None
-        evaluator = CocoEvaluator(loader.dataset.to_coco_dict())
+        evaluator = build_evaluator(
+            cfg.get("evaluator"), loader.dataset.to_coco_dict(), cfg.where("evaluator")
+        )
         metrics = evaluate(
             model, build_postprocessor(cfg).to(device), loader, device, evaluator, category_ids=category_ids
         )

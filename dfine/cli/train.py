@@ -120,15 +120,17 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.show_batch:
         return show_batches(cfg, args.show_batch)
 
+    from dfine.engine.setup import build_training
     from dfine.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume, tune=args.tune)
+    run = build_training(cfg, resume=args.resume, tune=args.tune)
+    trainer = Trainer(run)
     metrics = trainer.evaluate() if args.test_only else trainer.fit()
-    if trainer.context.is_main:
+    if run.context.is_main:
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps(summary, indent=2))
         if not args.test_only:
-            print(next_steps(args.config, trainer.output_dir, trainer.best_ap, trainer.best_epoch))
+            print(next_steps(args.config, run.output_dir, run.state.best_ap, run.state.best_epoch))
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Build the model, criterion and post-processor from a resolved config.
+"""Build the model, criterion and post-processor from a resolved config, and any registered block.
 
 Values several components need (``num_classes``, ``eval_spatial_size``, ``use_focal_loss``) live once at the
 top level of the config; this module hands them over explicitly, so reading a builder tells who gets what.
+:func:`build_block` checks that what a builder hands over is what ``schema.BLOCKS`` says, the table that
+validation reads too.
 """
 
 from __future__ import annotations
@@ -12,13 +14,41 @@ from typing import Any
 from torch import nn
 
 from dfine.config.loading import Config
-from dfine.config.registry import LOSSES, MODELS, ConfigError
+from dfine.config.registry import ConfigError
+from dfine.config.schema import block_spec
 
-__all__ = ["build_criterion", "build_model", "build_postprocessor"]
+__all__ = ["build_block", "build_criterion", "build_model", "build_postprocessor"]
 
 
 def _where(cfg: Mapping[str, Any], path: str) -> str:
     return cfg.where(path) if isinstance(cfg, Config) else path
+
+
+def build_block(path: str, block: Mapping[str, Any], where: str = "", **given: Any) -> Any:
+    """Build the registered block that sits at ``path`` with the values its builder hands over.
+
+    Args:
+        path: the block's entry in ``schema.BLOCKS`` (e.g. ``"model.decoder"``, ``"optimizer"``).
+        block: ``{type: Name, **kwargs}``; keys the entry lists as ``nested`` are dropped, because ``given``
+            carries what the builder made of them.
+        where: ``file: key.path`` for messages (default: ``path``).
+        given: exactly the entry's ``provided`` and ``nested`` arguments.
+
+    Returns:
+        The constructed object.
+
+    Raises:
+        ConfigError: the block does not fit the constructor (see ``Registry.build``). An exception raised
+            inside the constructor propagates unchanged.
+    """
+    spec = block_spec(path)
+    expected = {*spec.provided, *spec.nested}
+    assert set(given) == expected, (
+        f"the builder of {path} passes {sorted(given)} but schema.BLOCKS lists {sorted(expected)}; "
+        "update the table and the builder together"
+    )
+    outer = {key: value for key, value in block.items() if key not in spec.nested}
+    return spec.registry.build(outer, where or path, **given)
 
 
 def _require(cfg: Mapping[str, Any], key: str) -> Any:
@@ -47,14 +77,19 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
             )
     num_classes = _require(cfg, "num_classes")
     size = _spatial_size(cfg)
-    parts["backbone"] = MODELS.build(block["backbone"], _where(cfg, "model.backbone"))
+    parts["backbone"] = build_block("model.backbone", block["backbone"], _where(cfg, "model.backbone"))
     _check_encoder_inputs(cfg, parts["backbone"], block["encoder"])
-    parts["encoder"] = MODELS.build(block["encoder"], _where(cfg, "model.encoder"), eval_spatial_size=size)
-    parts["decoder"] = MODELS.build(
-        block["decoder"], _where(cfg, "model.decoder"), num_classes=num_classes, eval_spatial_size=size
+    parts["encoder"] = build_block(
+        "model.encoder", block["encoder"], _where(cfg, "model.encoder"), eval_spatial_size=size
     )
-    outer = {k: v for k, v in block.items() if k not in parts}
-    return MODELS.build(outer, _where(cfg, "model"), **parts)
+    parts["decoder"] = build_block(
+        "model.decoder",
+        block["decoder"],
+        _where(cfg, "model.decoder"),
+        num_classes=num_classes,
+        eval_spatial_size=size,
+    )
+    return build_block("model", block, _where(cfg, "model"), **parts)
 
 
 def _check_encoder_inputs(cfg: Mapping[str, Any], backbone: nn.Module, encoder: Mapping[str, Any]) -> None:
@@ -77,25 +112,32 @@ def _check_encoder_inputs(cfg: Mapping[str, Any], backbone: nn.Module, encoder: 
 
 def build_criterion(cfg: Mapping[str, Any]) -> nn.Module:
     """Build the training loss ``cfg["criterion"]`` with its ``matcher`` block built first."""
-    block = dict(_require(cfg, "criterion"))
-    matcher_block = block.pop("matcher", None)
+    block = _require(cfg, "criterion")
+    matcher_block = block.get("matcher")
     if not isinstance(matcher_block, Mapping):
         raise ConfigError(
             f"{_where(cfg, 'criterion.matcher')} is missing: the criterion needs a matcher block."
         )
-    matcher = LOSSES.build(
-        matcher_block, _where(cfg, "criterion.matcher"), use_focal_loss=cfg.get("use_focal_loss", True)
+    matcher = build_block(
+        "criterion.matcher",
+        matcher_block,
+        _where(cfg, "criterion.matcher"),
+        use_focal_loss=cfg.get("use_focal_loss", True),
     )
-    return LOSSES.build(
-        block, _where(cfg, "criterion"), matcher=matcher, num_classes=_require(cfg, "num_classes")
+    return build_block(
+        "criterion",
+        block,
+        _where(cfg, "criterion"),
+        matcher=matcher,
+        num_classes=_require(cfg, "num_classes"),
     )
 
 
 def build_postprocessor(cfg: Mapping[str, Any]) -> nn.Module:
     """Build ``cfg["postprocessor"]`` (scores, top-k, boxes in pixels) with the shared class settings."""
-    block = dict(_require(cfg, "postprocessor"))
-    return MODELS.build(
-        block,
+    return build_block(
+        "postprocessor",
+        _require(cfg, "postprocessor"),
         _where(cfg, "postprocessor"),
         num_classes=_require(cfg, "num_classes"),
         use_focal_loss=cfg.get("use_focal_loss", True),

@@ -55,11 +55,15 @@ class Config(dict):
 
 
 def plain(value: Any) -> Any:
+    """A deep copy of ``value`` as plain dicts and lists (for YAML dumps, checkpoints and edited copies).
+
+    Mappings (a :class:`Config` included) become ``dict`` with string keys, tuples become lists.
+    """
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
-    return value
+    return copy.deepcopy(value)
 
 
 def _record(sources: dict[str, str], prefix: str, value: Any, source: str) -> None:

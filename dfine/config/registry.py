@@ -1,8 +1,12 @@
-"""Name -> class registries and the builder that turns ``{type: Name, **kwargs}`` blocks into objects.
+"""Name -> class registries and the one builder that turns ``{type: Name, **kwargs}`` blocks into objects.
 
-Each layer owns one registry (``MODELS``, ``LOSSES``, ``TRANSFORMS``, ...). A config block maps one-to-one
-onto the constructor's keyword arguments; values shared by several components are passed by the caller as
-``build(..., num_classes=...)`` so that who reads what stays visible in code.
+Each layer owns registries (``MODELS``, ``LOSSES``, ``TRANSFORMS``, ... and the engine's ``OPTIMIZERS``,
+``LR_SCHEDULERS``, ``LR_WARMUPS``, ``EMAS``); a class joins one when its module is imported. A config block
+maps one-to-one onto the constructor's keyword arguments; values shared by several components are passed by
+the caller as ``build(..., num_classes=...)`` so that who reads what stays visible in code.
+
+A block whose arguments do not fit the constructor is a :class:`ConfigError` naming the file and key path; an
+exception raised inside a constructor is not rewritten, so a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ from typing import Any, TypeVar
 __all__ = [
     "COLLATORS",
     "DATASETS",
+    "EMAS",
+    "EVALUATORS",
     "LOSSES",
+    "LR_SCHEDULERS",
+    "LR_WARMUPS",
     "MODELS",
+    "OPTIMIZERS",
     "REGISTRIES",
+    "SCALERS",
     "TRANSFORMS",
     "ConfigError",
     "Registry",
@@ -116,8 +126,10 @@ class Registry:
         where: str = "",
         provided: Iterable[str] = (),
         locate: Callable[[str], str] | None = None,
+        nested: Iterable[str] = (),
     ) -> None:
-        """Check that ``block`` names a registered type and only that constructor's arguments.
+        """Check that ``block`` names a registered type, only that constructor's arguments, and all of its
+        required ones.
 
         Args:
             block: ``{type: Name, **kwargs}``.
@@ -125,10 +137,20 @@ class Registry:
             provided: argument names the builder passes itself (they must not appear in the block).
             locate: ``key -> "file: key.path.key"`` for a key inside the block (default: ``where.key``), so a
                 message names the file that set the bad key rather than the one that started the block.
+            nested: keys of the block the builder turns into arguments itself (sub-blocks it builds first,
+                the optimizer's param groups); they need not be present, because their builder fills or
+                reports them.
+
+        Raises:
+            ConfigError: an unknown type, a key the builder provides, an unknown argument (with the closest
+                valid one) or a missing required argument, naming the block and the argument.
         """
         locate = locate or (lambda key: f"{where}.{key}")
         if not isinstance(block, Mapping) or "type" not in block:
-            raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {block!r}.")
+            raise ConfigError(
+                f"{where}: expected a mapping with a 'type' key, got {block!r}. "
+                f"Registered {self.name} types: {', '.join(self.names)}."
+            )
         cls = self.get(block["type"], where)
         if _accepts_var_kwargs(cls):
             return
@@ -152,22 +174,42 @@ class Registry:
                     f"{locate(key)} is not an argument of {block['type']}.{hint} "
                     f"Valid arguments: {', '.join(sorted(set(args) - provided))}."
                 )
+        given = set(block) | provided | set(nested)
+        for name, parameter in args.items():
+            if parameter.default is inspect.Parameter.empty and name not in given:
+                raise ConfigError(
+                    f"{locate(name)} is missing: {block['type']} has no default for '{name}'; "
+                    "set it in the block."
+                )
 
     def build(self, block: Mapping[str, Any], where: str = "", **provided: Any) -> Any:
         """Build ``block`` (``{type: Name, **kwargs}``), adding the builder's ``provided`` keyword arguments.
 
         Nested blocks are *not* built here: the caller builds children first and passes them in, so the
         order of construction is visible in the caller's code.
+
+        Raises:
+            ConfigError: the block's arguments do not fit the constructor (see :meth:`check_block`), checked
+                before anything is constructed; or the constructor raised ConfigError about a value, then
+                prefixed with ``where``. Any other exception raised inside the constructor (a bug) propagates
+                unchanged, with its traceback.
         """
         self.check_block(block, where, provided)
         cls = self.get(block["type"], where)
         kwargs = {k: v for k, v in block.items() if k != "type"}
         try:
+            inspect.signature(cls).bind(**kwargs, **provided)
+        except TypeError as error:  # what check_block cannot see, e.g. a positional-only argument
+            raise ConfigError(f"{where}: bad arguments for {block['type']}: {error}.") from None
+        try:
             return cls(**kwargs, **provided)
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
+        except ConfigError as error:
+            # The constructor's own check of a config value: add which block it came from (the original stays
+            # chained, with its traceback). Any other exception from inside the constructor is a bug and
+            # propagates untouched.
+            if not where:
                 raise
-            raise ConfigError(f"{where}: building {block['type']} failed: {error}") from error
+            raise ConfigError(f"{where}: {error}") from error
 
 
 MODELS = Registry("model")
@@ -175,7 +217,26 @@ LOSSES = Registry("loss")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 COLLATORS = Registry("collate function")
-REGISTRIES: tuple[Registry, ...] = (MODELS, LOSSES, DATASETS, TRANSFORMS, COLLATORS)
+# Filled by dfine.engine.optim / schedules / ema when they are imported (dfine/__init__.py imports them).
+OPTIMIZERS = Registry("optimizer")
+LR_SCHEDULERS = Registry("lr scheduler")
+LR_WARMUPS = Registry("lr warm-up scheduler")
+EMAS = Registry("ema")
+SCALERS = Registry("grad scaler")
+EVALUATORS = Registry("evaluator")
+REGISTRIES: tuple[Registry, ...] = (
+    MODELS,
+    LOSSES,
+    DATASETS,
+    TRANSFORMS,
+    COLLATORS,
+    OPTIMIZERS,
+    LR_SCHEDULERS,
+    LR_WARMUPS,
+    EMAS,
+    SCALERS,
+    EVALUATORS,
+)
 
 
 def find_registry(name: str) -> Registry | None:

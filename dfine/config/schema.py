@@ -1,30 +1,40 @@
 """What a config may hold: the top-level settings with their types, where registered blocks sit, and checks.
 
 :func:`validate_config` runs when a config is loaded, so a misspelt key or a wrong type fails before anything
-is built, naming the file that set it, the dotted key path and a fix.
+is built, naming the file that set it, the dotted key path and a fix. :data:`BLOCKS` is also the table the
+builders read (``dfine.config.build.build_block``): what a block receives from its builder is written once,
+here, so validation rejects exactly what building would.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dfine.config.registry import (
     COLLATORS,
     DATASETS,
+    EMAS,
+    EVALUATORS,
     LOSSES,
+    LR_SCHEDULERS,
+    LR_WARMUPS,
     MODELS,
+    OPTIMIZERS,
+    SCALERS,
     TRANSFORMS,
     ConfigError,
     Registry,
     did_you_mean,
 )
+from dfine.config.stage_two import resolve_stage_two
 
 if TYPE_CHECKING:  # loading imports this module to validate what it loads
     from dfine.config.loading import Config
 
-__all__ = ["BLOCKS", "TOP_LEVEL", "validate_config"]
+__all__ = ["BLOCKS", "TOP_LEVEL", "BlockSpec", "block_spec", "validate_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "use_amp": (_BOOL, "true"),
     "amp_dtype": (_STR, "bfloat16"),
     "use_ema": (_BOOL, "true"),
-    "ema": (_MAP, "{type: ModelEMA, decay: 0.9999, warmups: 1000, start: 0}"),
+    "ema": (_MAP, "{type: ModelEMA, decay: 0.9999, warmups: 1000, start: 0, restart_decay: 0.9999}"),
     "scaler": (_MAP, "{type: GradScaler, enabled: true}"),
     "optimizer": (_MAP, "{type: AdamW, lr: 0.0002, params: [...]}"),
     "lr_scheduler": (_MAP, "{type: MultiStepLR, milestones: [500], gamma: 0.1}"),
@@ -74,24 +84,64 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
 # Accepted for compatibility with the original configs; they do nothing here.
 IGNORED_TOP_LEVEL = frozenset({"use_wandb", "project_name", "exp_name"})
 
-# Where registered blocks sit, by key path ("*" matches one list index).
-BLOCKS: tuple[tuple[str, Registry], ...] = (
-    ("model", MODELS),
-    ("model.backbone", MODELS),
-    ("model.encoder", MODELS),
-    ("model.decoder", MODELS),
-    ("postprocessor", MODELS),
-    ("criterion", LOSSES),
-    ("criterion.matcher", LOSSES),
-    ("train_dataloader.dataset", DATASETS),
-    ("val_dataloader.dataset", DATASETS),
-    ("train_dataloader.dataset.transforms", TRANSFORMS),
-    ("val_dataloader.dataset.transforms", TRANSFORMS),
-    ("train_dataloader.dataset.transforms.ops.*", TRANSFORMS),
-    ("val_dataloader.dataset.transforms.ops.*", TRANSFORMS),
-    ("train_dataloader.collate_fn", COLLATORS),
-    ("val_dataloader.collate_fn", COLLATORS),
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Where a registered ``{type: ...}`` block sits and what its builder hands over.
+
+    Attributes:
+        path: dotted key path of the block ("*" matches one list index).
+        registry: the registry its ``type`` names.
+        provided: arguments the builder passes from elsewhere (top-level settings such as ``num_classes``, or
+            the model for the EMA); the block must not set them.
+        nested: keys of the block the builder turns into arguments itself (sub-blocks it builds first, the
+            optimizer's param groups); the builder fills or reports them when they are absent.
+    """
+
+    path: str
+    registry: Registry
+    provided: tuple[str, ...] = ()
+    nested: tuple[str, ...] = ()
+
+
+# Every registered block of a config. The builders (dfine.config.build, the engine's optimizer, schedules and
+# EMA) go through build_block, which checks that they pass exactly `provided` and `nested`; dfine.data.loader
+# passes the datasets' num_classes itself. Validation reads the same table, so it rejects what building would.
+BLOCKS: tuple[BlockSpec, ...] = (
+    BlockSpec("model", MODELS, nested=("backbone", "encoder", "decoder")),
+    BlockSpec("model.backbone", MODELS),
+    BlockSpec("model.encoder", MODELS, provided=("eval_spatial_size",)),
+    BlockSpec("model.decoder", MODELS, provided=("num_classes", "eval_spatial_size")),
+    BlockSpec("postprocessor", MODELS, provided=("num_classes", "use_focal_loss", "remap_mscoco_category")),
+    BlockSpec("criterion", LOSSES, provided=("num_classes",), nested=("matcher",)),
+    BlockSpec("criterion.matcher", LOSSES, provided=("use_focal_loss",)),
+    BlockSpec("train_dataloader.dataset", DATASETS, provided=("num_classes",), nested=("transforms",)),
+    BlockSpec("val_dataloader.dataset", DATASETS, provided=("num_classes",), nested=("transforms",)),
+    BlockSpec("train_dataloader.dataset.transforms", TRANSFORMS, nested=("ops",)),
+    BlockSpec("val_dataloader.dataset.transforms", TRANSFORMS, nested=("ops",)),
+    BlockSpec("train_dataloader.dataset.transforms.ops.*", TRANSFORMS),
+    BlockSpec("val_dataloader.dataset.transforms.ops.*", TRANSFORMS),
+    BlockSpec("train_dataloader.collate_fn", COLLATORS),
+    BlockSpec("val_dataloader.collate_fn", COLLATORS),
+    BlockSpec("optimizer", OPTIMIZERS, nested=("params",)),
+    BlockSpec("lr_scheduler", LR_SCHEDULERS),
+    BlockSpec("lr_warmup_scheduler", LR_WARMUPS),
+    BlockSpec("ema", EMAS, provided=("model",)),
+    BlockSpec("scaler", SCALERS, provided=("device",)),
+    BlockSpec("evaluator", EVALUATORS, provided=("coco_gt",)),
 )
+_BY_PATH = {spec.path: spec for spec in BLOCKS}
+
+
+def block_spec(path: str) -> BlockSpec:
+    """The :data:`BLOCKS` entry of ``path`` (e.g. ``"model.decoder"``).
+
+    Raises:
+        KeyError: ``path`` is not a registered block's path.
+    """
+    if path not in _BY_PATH:
+        raise KeyError(f"no registered block sits at '{path}'; known: {', '.join(_BY_PATH)}")
+    return _BY_PATH[path]
 
 
 def _type_name(types: Sequence[type]) -> str:
@@ -133,7 +183,7 @@ def _lookup(cfg: Mapping[str, Any], pattern: str) -> list[tuple[str, Any]]:
 
 
 def validate_config(cfg: Config) -> None:
-    """Check top-level keys and types, and every registered block's ``type`` and argument names.
+    """Check top-level keys and types, every registered block's ``type`` and arguments, and stage 2.
 
     Raises:
         ConfigError: naming the file that set the bad key, the key path and a fix.
@@ -159,11 +209,14 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.where('num_classes')} must be >= 1 (the number of object classes), got {num_classes}."
         )
-    for pattern, registry in BLOCKS:
-        for path, block in _lookup(cfg, pattern):
+    for spec in BLOCKS:
+        for path, block in _lookup(cfg, spec.path):
             if block is None:
                 continue
             if not isinstance(block, Mapping) or "type" not in block:
                 raise ConfigError(f"{cfg.where(path)} must be a mapping with a 'type' key, got {block!r}.")
             locate = lambda key, path=path: cfg.where(f"{path}.{key}")  # noqa: E731
-            registry.check_block(block, cfg.where(path), locate=locate)
+            spec.registry.check_block(
+                block, cfg.where(path), provided=spec.provided, locate=locate, nested=spec.nested
+            )
+    resolve_stage_two(cfg)

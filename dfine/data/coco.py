@@ -14,7 +14,7 @@ from dfine.config.registry import DATASETS, ConfigError
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.label_map import LabelMap
 
-__all__ = ["CocoDetection", "parse_coco"]
+__all__ = ["CocoDetection", "parse_coco", "read_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class CocoDetection(DetectionDataset):
             file's categories.
 
     Raises:
-        ConfigError: missing file, malformed JSON, ``num_classes`` too small, or ``return_masks: True``.
+        FileNotFoundError: ``ann_file`` does not exist.
+        ConfigError: malformed JSON, ``num_classes`` too small, or ``return_masks: True``.
     """
 
     def __init__(
@@ -62,7 +63,7 @@ def parse_coco(ann_file: str) -> tuple[AnnotationTable, LabelMap, int]:
     Returns:
         table, label_map, and the number of annotations whose ``image_id`` is not among the images (skipped).
     """
-    data = _read_json(ann_file)
+    data = read_json(ann_file, hint=" (check ann_file in the dataset block)")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ConfigError(f"{ann_file}: not a COCO detection file (no 'images' list).")
     annotations = data.get("annotations") or []
@@ -128,11 +129,22 @@ def _number(value: Any) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str | os.PathLike, what: str = "annotation file", hint: str = "") -> Any:
+    """The parsed content of a JSON file (annotations, COCO results), with errors that name the file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the not-found message (``"results file"``, ...).
+        hint: appended to the not-found message, e.g. which config key gave the path.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ConfigError: the file is not valid JSON (the message gives the line and column).
+    """
     if not os.path.isfile(path):
-        raise ConfigError(f"annotation file not found: {path} (check ann_file in the dataset block).")
+        raise FileNotFoundError(f"{what} not found: {os.fspath(path)}{hint}")
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error}).") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{os.fspath(path)}: not valid JSON ({error}).") from error

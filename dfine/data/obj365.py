@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from dfine.data.coco import read_json
 from dfine.data.image_io import UnreadableImageError, load_image
 
 __all__ = ["merge_validation_into_train", "resize_coco_images"]
@@ -57,11 +58,12 @@ def merge_validation_into_train(
 
     Raises:
         FileNotFoundError: an input annotation file is missing.
+        ConfigError: an input annotation file is not valid JSON.
         ValueError: train and val share image ids (merging would corrupt evaluation).
     """
     base = Path(base_dir)
-    train = _load(base / "train" / TRAIN_JSON)
-    val = _load(base / "val" / VAL_JSON)
+    train = read_json(base / "train" / TRAIN_JSON)
+    val = read_json(base / "val" / VAL_JSON)
     kept, moved = val["images"][:new_val_size], val["images"][new_val_size:]
     moved_ids = {image["id"] for image in moved}
     clash = moved_ids & {image["id"] for image in train["images"]}
@@ -117,7 +119,7 @@ def resize_coco_images(
         Path of the written annotation file (default ``<ann_file stem>_resized.json``).
     """
     ann_path = Path(ann_file)
-    data = _load(ann_path)
+    data = read_json(ann_path)
     by_image: dict[Any, list[dict[str, Any]]] = {image["id"]: [] for image in data["images"]}
     for annotation in data["annotations"]:
         by_image.setdefault(annotation["image_id"], []).append(annotation)
@@ -176,13 +178,6 @@ def _place_image(source: Path, destination: Path, mode: str) -> None:
         shutil.copy2(source, destination)
     else:
         raise ValueError(f"images must be symlink, copy or none; got {mode!r}.")
-
-
-def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
 
 
 def _save(data: dict[str, Any], path: Path) -> None:

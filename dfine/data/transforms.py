@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 
-from dfine.config.registry import TRANSFORMS
+from dfine.config.registry import TRANSFORMS, ConfigError
 
 __all__ = [
     "ConvertBoxes",
@@ -177,7 +177,7 @@ class Resize(T.Resize):
         self.fill = fill
         if keep_ratio:
             if size is None or max_size is not None:
-                raise ValueError("Resize(keep_ratio=True) needs size [height, width] and no max_size.")
+                raise ConfigError("Resize(keep_ratio=True) needs size [height, width] and no max_size.")
             self.out_size = (self.size[0], self.size[-1])
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class ConvertPILImage(T.Transform):
     def __init__(self, dtype: str = "float32", scale: bool = True) -> None:
         super().__init__()
         if dtype not in ("float32", "uint8"):
-            raise ValueError(f"ConvertPILImage dtype must be 'float32' or 'uint8', got {dtype!r}.")
+            raise ConfigError(f"ConvertPILImage dtype must be 'float32' or 'uint8', got {dtype!r}.")
         self.dtype = dtype
         self.scale = scale
 
@@ -259,7 +259,7 @@ class ConvertBoxes(T.Transform):
     def __init__(self, fmt: str = "", normalize: bool = False) -> None:
         super().__init__()
         if fmt and fmt.upper() not in tv_tensors.BoundingBoxFormat.__members__:
-            raise ValueError(f"ConvertBoxes fmt must be one of xyxy, xywh, cxcywh, got {fmt!r}.")
+            raise ConfigError(f"ConvertBoxes fmt must be one of xyxy, xywh, cxcywh, got {fmt!r}.")
         self.fmt = fmt
         self.normalize = normalize
 

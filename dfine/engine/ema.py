@@ -1,7 +1,8 @@
 """Exponential moving average of a model's weights, with D-FINE's warm-up ramp on the decay.
 
 The averaged copy is what D-FINE evaluates and publishes (``checkpoint["ema"]["module"]``), so its state dict
-keeps the model's own key names.
+keeps the model's own key names. The config's ``ema`` block is built through the ``EMAS`` registry
+(:func:`build_ema`): ``{type: ModelEMA, decay, warmups, start, restart_decay}``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfine.config.build import build_block
+from dfine.config.registry import EMAS, ConfigError
 from dfine.distributed import unwrap_model
 
-__all__ = ["ModelEMA"]
+__all__ = ["ModelEMA", "build_ema"]
 
 logger = logging.getLogger(__name__)
 
 
+@EMAS.register()
 class ModelEMA:
     """Keep ``ema = d * ema + (1 - d) * model`` for every floating-point parameter and buffer.
 
@@ -35,19 +39,34 @@ class ModelEMA:
         decay: final decay per update, in [0, 1).
         warmups: updates over which the decay ramps up (time constant); 0 disables the ramp.
         start: number of initial updates that copy the weights instead of averaging.
+        restart_decay: final decay after :meth:`restart` without an argument (D-FINE's stage 2, its
+            ``ema_restart_decay``); ``None`` keeps ``decay``.
+
+    Raises:
+        ConfigError: a decay outside [0, 1) or a negative count (config values, named by their ema key).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmups: int = 1000, start: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmups: int = 1000,
+        start: int = 0,
+        restart_decay: float | None = None,
+    ) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay}; D-FINE uses 0.9999")
+            raise ConfigError(f"ema.decay must be in [0, 1), got {decay}; D-FINE uses 0.9999")
+        if restart_decay is not None and not 0.0 <= restart_decay < 1.0:
+            raise ConfigError(f"ema.restart_decay must be in [0, 1), got {restart_decay}; D-FINE uses 0.9999")
         if warmups < 0 or start < 0:
-            raise ValueError(f"ema warmups and start must be >= 0, got warmups={warmups}, start={start}")
+            raise ConfigError(f"ema.warmups and ema.start must be >= 0, got warmups={warmups}, start={start}")
         self.module = deepcopy(unwrap_model(model)).eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self.decay = float(decay)
         self.warmups = int(warmups)
         self.start = int(start)
+        self.restart_decay = None if restart_decay is None else float(restart_decay)
         self.updates = 0  # averaging updates since the last (re)start; drives the ramp
         self.before_start = 0  # updates spent copying, up to `start`
 
@@ -91,7 +110,12 @@ class ModelEMA:
         """Restart the warm-up ramp (D-FINE stage 2), optionally with a new final decay.
 
         The next update uses ``d(1)``, close to 0, so the average quickly re-anchors on the current weights.
+
+        Args:
+            decay: the new final decay; ``None`` uses ``restart_decay`` (and keeps the decay when that is
+                ``None`` too).
         """
+        decay = self.restart_decay if decay is None else decay
         if decay is not None:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"ema restart decay must be in [0, 1), got {decay}")
@@ -135,5 +159,22 @@ class ModelEMA:
         self.before_start = int(state.get("before_start", default_before_start))
 
     def __repr__(self) -> str:
-        settings = f"decay={self.decay}, warmups={self.warmups}, start={self.start}, updates={self.updates}"
+        settings = (
+            f"decay={self.decay}, warmups={self.warmups}, start={self.start}, "
+            f"restart_decay={self.restart_decay}, updates={self.updates}"
+        )
         return f"ModelEMA({settings})"
+
+
+def build_ema(block: Mapping[str, Any] | None, model: nn.Module) -> ModelEMA:
+    """Build the config's ``ema`` block (``{type: ModelEMA, decay, warmups, start, restart_decay}``).
+
+    Args:
+        block: the ``ema`` block; ``None`` or empty gives ``ModelEMA`` with its defaults.
+        model: the model to average (after it is on its device); handed over by the builder, never set in the
+            block.
+
+    Raises:
+        ConfigError: an unknown type (listing the registered ones) or argument, or a bad value.
+    """
+    return build_block("ema", block or {"type": "ModelEMA"}, "ema", model=model)

@@ -19,8 +19,6 @@ out.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -30,7 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfine.config.registry import ConfigError, did_you_mean
+from dfine.config.build import build_block
+from dfine.config.loading import plain
+from dfine.config.registry import OPTIMIZERS, ConfigError, constructor_arguments, did_you_mean
+from dfine.config.schema import block_spec
 from dfine.distributed import unwrap_model
 
 __all__ = [
@@ -44,11 +45,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "AdamW": torch.optim.AdamW,
-    "Adam": torch.optim.Adam,
-    "SGD": torch.optim.SGD,
-}
+# torch's own classes: an optimizer block is exactly their keyword arguments (its `params` being the groups).
+OPTIMIZERS.register()(torch.optim.AdamW)
+OPTIMIZERS.register()(torch.optim.Adam)
+OPTIMIZERS.register()(torch.optim.SGD)
 
 
 @dataclass
@@ -72,29 +72,19 @@ class ParamGroup:
         return sum(p.numel() for p in self.parameters)
 
 
-def _split_block(block: Mapping[str, Any]) -> tuple[type[torch.optim.Optimizer], list[Any], dict[str, Any]]:
-    if "type" not in block:
-        raise ConfigError(f"optimizer: missing 'type'; use one of {sorted(OPTIMIZERS)}, e.g. type: AdamW")
-    block = copy.deepcopy(dict(block))
-    name = block.pop("type")
-    if name not in OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.type: unknown optimizer '{name}'; choose one of {sorted(OPTIMIZERS)}."
-            + did_you_mean(str(name), OPTIMIZERS)
-        )
-    groups = block.pop("params", None) or []
+def _split_block(block: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
+    """Check an ``optimizer`` block; return its param-group blocks and the optimiser's default settings.
+
+    The type and the top-level settings are checked by the registry, as for every block; the groups are not
+    constructor arguments of their own (each becomes one torch param group), so their keys are checked here
+    against the same constructor's arguments.
+    """
+    OPTIMIZERS.check_block(block, "optimizer", nested=block_spec("optimizer").nested)
+    groups = block.get("params") or []
     if not isinstance(groups, list):
         raise ConfigError(f"optimizer.params must be a list of {{params: REGEX, ...}} blocks, got {groups!r}")
-    optimizer_class = OPTIMIZERS[name]
-    allowed = {
-        k for k in inspect.signature(optimizer_class.__init__).parameters if k not in ("self", "params")
-    }
-    for key in block:
-        if key not in allowed:
-            raise ConfigError(
-                f"optimizer.{key} is not an argument of {name}.{did_you_mean(key, allowed)} "
-                f"Valid keys: {sorted(allowed)}"
-            )
+    name = block["type"]
+    allowed = set(constructor_arguments(OPTIMIZERS.get(name))) - {"params"}
     for index, group in enumerate(groups):
         if not isinstance(group, Mapping) or "params" not in group:
             raise ConfigError(
@@ -105,8 +95,9 @@ def _split_block(block: Mapping[str, Any]) -> tuple[type[torch.optim.Optimizer],
                 raise ConfigError(
                     f"optimizer.params[{index}].{key} is not a setting of {name}.{did_you_mean(key, allowed)}"
                 )
-    defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items()}
-    return optimizer_class, groups, defaults
+    # YAML gives lists where torch documents tuples (betas).
+    defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items() if k != "params"}
+    return groups, defaults
 
 
 def param_groups_from_config(model: nn.Module, block: Mapping[str, Any]) -> list[ParamGroup]:
@@ -123,7 +114,7 @@ def param_groups_from_config(model: nn.Module, block: Mapping[str, Any]) -> list
     Raises:
         ConfigError: a regex does not compile, or a parameter is matched by two groups.
     """
-    _, group_blocks, _ = _split_block(block)
+    group_blocks, _ = _split_block(block)
     named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
     groups: list[ParamGroup] = []
     owner: dict[str, int] = {}
@@ -163,7 +154,7 @@ def param_groups_from_config(model: nn.Module, block: Mapping[str, Any]) -> list
 def build_optimizer(
     model: nn.Module, block: Mapping[str, Any], groups: Sequence[ParamGroup] | None = None
 ) -> torch.optim.Optimizer:
-    """Build the optimiser of an ``optimizer`` config block (``type``: AdamW, Adam or SGD).
+    """Build the optimiser of an ``optimizer`` config block (``type``: AdamW, Adam or SGD, in ``OPTIMIZERS``).
 
     Args:
         model: the model to optimise.
@@ -174,13 +165,13 @@ def build_optimizer(
     Returns:
         A ``torch.optim`` optimiser whose param groups follow ``groups``' order.
     """
-    optimizer_class, _, defaults = _split_block(block)
+    _, defaults = _split_block(block)
     if groups is None:
         groups = param_groups_from_config(model, block)
     if not any(group.parameters for group in groups):
         raise ConfigError("optimizer: the model has no trainable parameters (is everything frozen?)")
     torch_groups = [{"params": list(group.parameters), **group.options} for group in groups]
-    return optimizer_class(torch_groups, **defaults)
+    return build_block("optimizer", defaults, "optimizer", params=torch_groups)
 
 
 def group_summary(groups: Sequence[ParamGroup], optimizer: torch.optim.Optimizer | None = None) -> str:
@@ -209,18 +200,9 @@ def group_summary(groups: Sequence[ParamGroup], optimizer: torch.optim.Optimizer
 _STEP_COUNT_PATHS = (("ema", "warmups"), ("ema", "start"), ("lr_warmup_scheduler", "warmup_duration"))
 _DECAY_PATHS = (
     ("ema", "decay"),
-    ("ema_restart_decay",),
-    ("train_dataloader", "collate_fn", "ema_restart_decay"),
+    ("ema", "restart_decay"),
+    ("train_dataloader", "collate_fn", "ema_restart_decay"),  # the original configs' place for it
 )
-
-
-def _plain(value: Any) -> Any:
-    """Deep copy with every mapping turned into a plain dict (config objects may be dict subclasses)."""
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return copy.deepcopy(value)
 
 
 def _get_path(config: Mapping[str, Any], path: Sequence[str]) -> Any:
@@ -247,9 +229,9 @@ def scale_for_batch_size(
     With ``k = total_batch_size / reference_batch_size``: ``optimizer.lr`` and every
     ``optimizer.params[i].lr`` are multiplied by ``k`` (linear scaling); ``ema.warmups``, ``ema.start`` and
     ``lr_warmup_scheduler.warmup_duration`` are divided by ``k`` (rounded, at least 1 when they were
-    positive), so they span the same number of images; EMA decays (``ema.decay`` and ``ema_restart_decay``)
-    become ``1 - (1 - decay) * k``, so the average has the same horizon in images. Missing keys are
-    left alone.
+    positive), so they span the same number of images; EMA decays (``ema.decay``, ``ema.restart_decay`` and
+    the original's ``train_dataloader.collate_fn.ema_restart_decay``) become ``1 - (1 - decay) * k``, so the
+    average has the same horizon in images. Missing keys are left alone.
 
     Args:
         config: the resolved config as nested mappings (not modified).
@@ -265,7 +247,7 @@ def scale_for_batch_size(
             f"batch sizes must be positive, got total_batch_size={total_batch_size}, "
             f"reference_batch_size={reference_batch_size}"
         )
-    scaled = _plain(config)
+    scaled = plain(config)
     if total_batch_size == reference_batch_size:
         return scaled, []
     factor = total_batch_size / reference_batch_size

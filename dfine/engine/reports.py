@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 from torchvision.utils import make_grid
 
 from dfine.engine.run_log import RunLog
@@ -52,9 +53,9 @@ def validation_pictures(
         frame = torch.tensor([[width, height]], dtype=torch.float32, device=device)
         detections = postprocessor(model(image.unsqueeze(0).to(device)), frame)[0]
         keep = detections["scores"] >= threshold
-        truth = target["boxes"].reshape(-1, 4).float()
+        truth = target["boxes"].reshape(-1, 4).float()  # [N, 4] cxcywh 0..1
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        truth_xyxy = torch.cat((truth[:, :2] - truth[:, 2:] / 2, truth[:, :2] + truth[:, 2:] / 2), -1) * scale
+        truth_xyxy = box_convert(truth, in_fmt="cxcywh", out_fmt="xyxy") * scale  # [N, 4] xyxy pixels
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         pictures.append(
             draw_detections(

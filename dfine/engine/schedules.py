@@ -23,13 +23,16 @@ from typing import Any
 
 import torch
 
-from dfine.config.registry import ConfigError, did_you_mean
+from dfine.config.build import build_block
+from dfine.config.registry import LR_SCHEDULERS, LR_WARMUPS, ConfigError
+from dfine.config.schema import block_spec
 
 __all__ = ["FlatCosineLR", "LRSchedule", "LinearWarmup", "MultiStepLR", "build_lr_schedule"]
 
 logger = logging.getLogger(__name__)
 
 
+@LR_WARMUPS.register()
 class LinearWarmup:
     """Linear ramp over the first optimisation steps, as the original: step ``k`` (0-based) uses
     ``min(1, (k + 1) / warmup_duration)`` of the lr.
@@ -49,6 +52,7 @@ class LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_duration)
 
 
+@LR_SCHEDULERS.register()
 class MultiStepLR:
     """Multiply the lr by ``gamma`` at each milestone epoch: epoch ``e`` (0-based) uses
     ``gamma ** (number of milestones <= e)``, as torch's ``MultiStepLR`` stepped once per epoch.
@@ -77,6 +81,7 @@ class MultiStepLR:
         }
 
 
+@LR_SCHEDULERS.register()
 class FlatCosineLR:
     """Keep the lr flat until ``flat_epochs``, then follow a per-step half cosine down to ``min_lr_ratio`` of
     each group's base lr at the last step of training.
@@ -115,9 +120,6 @@ class FlatCosineLR:
             "cosine_start_step": self.flat_steps,
             "min_lr_ratio": self.min_lr_ratio,
         }
-
-
-_DECAYS = {"MultiStepLR": MultiStepLR, "FlatCosineLR": FlatCosineLR}
 
 
 class LRSchedule:
@@ -231,17 +233,17 @@ class LRSchedule:
         return summary
 
 
-def _build_from_block(block: Mapping[str, Any], table: Mapping[str, type], key: str) -> Any:
-    block = dict(block)
-    name = block.pop("type", None)
-    if name not in table:
-        raise ConfigError(
-            f"{key}.type: unknown '{name}'; choose one of {sorted(table)}.{did_you_mean(str(name), table)}"
-        )
+def _build(key: str, block: Mapping[str, Any]) -> Any:
+    """Build the ``lr_scheduler`` / ``lr_warmup_scheduler`` block through its registry (``schema.BLOCKS``)."""
+    registry = block_spec(key).registry
     try:
-        return table[name](**block)
-    except TypeError as error:
-        raise ConfigError(f"{key}: bad arguments for {name}: {error}") from error
+        registry.check_block(block, key)
+    except ConfigError as error:
+        name = block.get("type") if isinstance(block, Mapping) else None
+        if isinstance(name, str) and name in registry:
+            raise ConfigError(f"{key}: bad arguments for {name}: {error}") from None
+        raise  # no or an unknown type: the registry's message lists the registered names
+    return build_block(key, block, key)
 
 
 def build_lr_schedule(
@@ -256,13 +258,14 @@ def build_lr_schedule(
     Args:
         optimizer: the optimiser (its current lrs are the base lrs).
         lr_scheduler: ``{type: MultiStepLR, milestones, gamma}``, ``{type: FlatCosineLR, flat_epochs,
-            min_lr_ratio}`` or ``None``.
-        lr_warmup_scheduler: ``{type: LinearWarmup, warmup_duration}`` or ``None``.
+            min_lr_ratio}`` (the ``LR_SCHEDULERS`` registry) or ``None``.
+        lr_warmup_scheduler: ``{type: LinearWarmup, warmup_duration}`` (``LR_WARMUPS``) or ``None``.
         steps_per_epoch: optimisation steps per epoch.
         epochs: total epochs.
+
+    Raises:
+        ConfigError: an unknown type (listing the registered ones) or bad arguments for it.
     """
-    decay = None if lr_scheduler is None else _build_from_block(lr_scheduler, _DECAYS, "lr_scheduler")
-    warmup = None
-    if lr_warmup_scheduler is not None:
-        warmup = _build_from_block(lr_warmup_scheduler, {"LinearWarmup": LinearWarmup}, "lr_warmup_scheduler")
+    decay = None if lr_scheduler is None else _build("lr_scheduler", lr_scheduler)
+    warmup = None if lr_warmup_scheduler is None else _build("lr_warmup_scheduler", lr_warmup_scheduler)
     return LRSchedule(optimizer, steps_per_epoch, epochs, decay=decay, warmup=warmup)

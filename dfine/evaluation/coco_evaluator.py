@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,19 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
+from dfine.config.build import build_block
+from dfine.config.registry import EVALUATORS, ConfigError
+from dfine.data.coco import read_json
 from dfine.distributed import all_gather_object, broadcast_object, is_main_process
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "load_coco_ground_truth", "score_results_file"]
+__all__ = [
+    "METRIC_NAMES",
+    "CocoEvaluator",
+    "build_evaluator",
+    "check_result_ids",
+    "load_coco_ground_truth",
+    "score_results_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +46,7 @@ def load_coco_ground_truth(source: COCO | str | Path | Mapping[str, Any] | Any) 
     if isinstance(source, COCO):
         return source
     if isinstance(source, str | Path):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"annotation file not found: {source}")
-        return COCO(str(source))
+        return COCO(read_json(source))
     if isinstance(source, Mapping):
         return COCO(dict(source))
     if hasattr(source, "dataset") and isinstance(source.dataset, Mapping):  # pycocotools.coco.COCO
@@ -53,11 +60,17 @@ def _to_numpy(value: torch.Tensor | np.ndarray | list[Any], dtype: type) -> np.n
     return np.asarray(value, dtype=dtype)
 
 
+@EVALUATORS.register()
 class CocoEvaluator:
     """Collect detections, gather them over ranks and score them with COCO's box AP.
 
+    The config's ``evaluator`` block (``{type: CocoEvaluator, iou_types: [bbox], max_detections: 100}``) is
+    built by :func:`build_evaluator`, which hands over the validation set's ground truth.
+
     Args:
         coco_gt: the ground truth (see :func:`load_coco_ground_truth`); category ids are the dataset's own.
+        iou_types: what is scored; D-FINE predicts boxes, so ``["bbox"]`` is the only choice (accepted for
+            the original configs, which list it).
         max_detections: COCOeval's largest ``maxDets`` (100): per image and category, only the highest-scoring
             detections up to this count are scored. Pass all of the post-processor's detections (D-FINE: 300
             per image); do not cut them per image, that would change AP.
@@ -68,7 +81,17 @@ class CocoEvaluator:
         >>> metrics = evaluator.summarize()       # every rank calls it; {"AP": ..., "AP50": ..., ...}
     """
 
-    def __init__(self, coco_gt: COCO | str | Path | Mapping[str, Any], max_detections: int = 100) -> None:
+    def __init__(
+        self,
+        coco_gt: COCO | str | Path | Mapping[str, Any],
+        iou_types: Sequence[str] = ("bbox",),
+        max_detections: int = 100,
+    ) -> None:
+        if list(iou_types) != ["bbox"]:
+            raise ConfigError(
+                "evaluator.iou_types: D-FINE predicts boxes, so only [bbox] can be scored, "
+                f"got {list(iou_types)}"
+            )
         self.coco_gt = load_coco_ground_truth(coco_gt)
         self.max_detections = max_detections
         self.reset()
@@ -128,13 +151,7 @@ class CocoEvaluator:
     def to_coco_results(self) -> list[dict[str, Any]]:
         """Detections in COCO results format: ``[{"image_id", "category_id", "bbox": [x, y, w, h] px,
         "score"}]``, by image id (all ranks' after :meth:`synchronize`, this rank's before)."""
-        results = []
-        for image_id in sorted(self._detections):
-            for x, y, w, h, score, category in self._detections[image_id].tolist():
-                results.append(
-                    {"image_id": image_id, "category_id": int(category), "bbox": [x, y, w, h], "score": score}
-                )
-        return results
+        return _coco_results(self._detections)
 
     def summarize(self) -> dict[str, float]:
         """Gather (if not done yet), score on rank 0 and share the metrics with every rank.
@@ -164,35 +181,60 @@ class CocoEvaluator:
         return "\n".join(lines)
 
 
-def _check_ids(coco_gt: COCO, detections: Mapping[int, np.ndarray]) -> None:
-    unknown_images = sorted(set(detections) - set(coco_gt.getImgIds()))
-    if unknown_images:
+def check_result_ids(
+    image_ids: np.ndarray,
+    category_ids: np.ndarray,
+    known_image_ids: Collection[int],
+    known_category_ids: Collection[int],
+) -> None:
+    """Check that detections name only images and categories of the ground truth.
+
+    Args:
+        image_ids: [D] image id of each detection.
+        category_ids: [D] category id of each detection (the annotation file's ids, not contiguous labels).
+        known_image_ids: the ground truth's image ids.
+        known_category_ids: the ground truth's category ids.
+
+    Raises:
+        ValueError: naming the first unknown ids and the likely cause.
+    """
+    known_images = np.fromiter(known_image_ids, np.int64)
+    unknown_images = np.setdiff1d(np.asarray(image_ids, dtype=np.int64), known_images)
+    if unknown_images.size:
+        example = unknown_images[:5].tolist()
         raise ValueError(
-            f"{len(unknown_images)} image ids are not in the annotation file, e.g. {unknown_images[:5]}: "
+            f"{unknown_images.size} image ids are not in the annotation file, e.g. {example}: "
             "predictions and annotations come from different datasets or splits"
         )
-    categories = np.array(sorted(coco_gt.getCatIds()), dtype=np.float32)
-    used = np.unique(np.concatenate([rows[:, 5] for rows in detections.values()] + [np.empty(0, np.float32)]))
-    unknown = used[~np.isin(used, categories)]
+    known_categories = np.unique(np.fromiter(known_category_ids, np.int64))
+    unknown = np.setdiff1d(np.asarray(category_ids, dtype=np.int64), known_categories)
     if unknown.size:
         raise ValueError(
-            f"predicted category ids {unknown.astype(int).tolist()[:10]} are not in the annotation file "
-            f"(its ids: {categories.astype(int).tolist()[:10]}...). Labels must be mapped from contiguous "
+            f"predicted category ids {unknown[:10].tolist()} are not in the annotation file "
+            f"(its ids: {known_categories[:10].tolist()}...). Labels must be mapped from contiguous "
             "indices to the dataset's category ids before evaluation (check the label map and num_classes)."
         )
 
 
-def _score(
-    coco_gt: COCO, detections: Mapping[int, np.ndarray], max_detections: int
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """COCO box evaluation of ``detections`` over exactly the images it holds."""
-    _check_ids(coco_gt, detections)
+def _coco_results(detections: Mapping[int, np.ndarray]) -> list[dict[str, Any]]:
+    """``image_id -> [K, 6]`` rows (x, y, w, h px, score, category id) as COCO results, by image id."""
     results = []
     for image_id in sorted(detections):
         for x, y, w, h, score, category in detections[image_id].tolist():
             results.append(
                 {"image_id": image_id, "category_id": int(category), "bbox": [x, y, w, h], "score": score}
             )
+    return results
+
+
+def _score(
+    coco_gt: COCO, detections: Mapping[int, np.ndarray], max_detections: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO box evaluation of ``detections`` over exactly the images it holds."""
+    rows = np.concatenate([*detections.values(), np.empty((0, _COLUMNS), np.float32)])  # [D, 6]
+    image_ids = np.array(list(detections), dtype=np.int64)
+    check_result_ids(image_ids, rows[:, 5], coco_gt.getImgIds(), coco_gt.getCatIds())
+    results = _coco_results(detections)
     if not results or not detections:
         metrics = dict.fromkeys(METRIC_NAMES, 0.0)
         per_class = [
@@ -237,8 +279,7 @@ def score_results_file(
         The evaluator after :meth:`CocoEvaluator.summarize`: ``.metrics`` and ``.per_class`` are filled.
     """
     if isinstance(results, str | Path):
-        with open(results, encoding="utf-8") as handle:
-            results = json.load(handle)
+        results = read_json(results, "results file")
     if not isinstance(results, list):
         raise ValueError(f"a COCO results file holds a JSON list of detections, got {type(results).__name__}")
     evaluator = CocoEvaluator(coco_gt)
@@ -262,3 +303,14 @@ def score_results_file(
     if math.isclose(evaluator.metrics["AP"], 0.0) and results:
         logger.warning("AP is 0: check that bbox is [x, y, width, height] in pixels and category ids match")
     return evaluator
+
+
+def build_evaluator(
+    block: Mapping[str, Any] | None, coco_gt: COCO | str | Path | Mapping[str, Any], where: str = "evaluator"
+) -> CocoEvaluator:
+    """Build the config's ``evaluator`` block for ``coco_gt``; ``None`` gives ``{type: CocoEvaluator}``.
+
+    Raises:
+        ConfigError: an unknown type or argument, or ``iou_types`` other than ``[bbox]``.
+    """
+    return build_block("evaluator", block or {"type": "CocoEvaluator"}, where, coco_gt=coco_gt)

@@ -1,19 +1,28 @@
-"""Precision-recall and F1-vs-confidence curves of a detector on a COCO-format validation set (numpy only).
+"""Precision-recall and F1-vs-confidence curves of a detector on a COCO-format validation set.
 
-Detections are matched to ground truth the way COCOeval does at one IoU threshold, so the per-class AP here
-equals COCOeval's AP50 (same 101-point recall grid, same interpolated precision envelope), while the
-confidence curves tell which score threshold to deploy with. :mod:`dfine.engine.plots` draws them.
+faster-coco-eval matches the detections to the ground truth at one IoU threshold (COCOeval's greedy matching)
+and gives the interpolated precision on the recall grid, so the per-class AP here is COCOeval's AP50. Its list
+of matches gives each detection's status, from which the precision, recall and F1 at every confidence
+threshold follow: they tell which score threshold to deploy with. :mod:`dfine.engine.plots` draws them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+from dfine.evaluation.coco_evaluator import check_result_ids
 
 __all__ = ["DetectionCurves", "detection_curves"]
+
+logger = logging.getLogger(__name__)
 
 # A detection's match status.
 _FALSE_POSITIVE, _TRUE_POSITIVE, _IGNORED = 0, 1, -1
@@ -86,6 +95,30 @@ class DetectionCurves:
         )
 
 
+@dataclass(frozen=True)
+class _Detections:
+    """COCO results as columns: ``image_ids``, ``category_ids`` [D] int64, ``scores`` [D], ``boxes`` [D, 4]
+    xywh px."""
+
+    image_ids: np.ndarray
+    category_ids: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+    @classmethod
+    def from_results(cls, results: Sequence[Mapping[str, Any]]) -> _Detections:
+        count = len(results)
+        return cls(
+            np.fromiter((int(r["image_id"]) for r in results), dtype=np.int64, count=count),
+            np.fromiter((int(r["category_id"]) for r in results), dtype=np.int64, count=count),
+            np.fromiter((float(r["score"]) for r in results), dtype=np.float64, count=count),
+            np.array([r["bbox"] for r in results], dtype=np.float64).reshape(count, 4),
+        )
+
+    def select(self, keep: np.ndarray) -> _Detections:
+        return _Detections(self.image_ids[keep], self.category_ids[keep], self.scores[keep], self.boxes[keep])
+
+
 def detection_curves(
     coco_gt: Mapping[str, Any],
     results: Sequence[Mapping[str, Any]],
@@ -95,17 +128,17 @@ def detection_curves(
 ) -> DetectionCurves:
     """Match detections to ground truth at one IoU threshold and build PR and confidence curves.
 
-    Matching follows COCOeval: per image and category, detections in descending score order (stable on
-    ties) each take the unmatched non-crowd ground-truth box of highest IoU >= ``iou_threshold`` (a true
-    positive); failing that, a detection covered by a crowd box (intersection / detection area >= the
-    threshold) is ignored, neither true nor false positive; anything else is a false positive. Crowd boxes
-    are not positives. Unlike COCOeval, there is no cap on detections per image (COCO keeps 100 per image
-    and category).
+    Matching is COCOeval's: per image and category, detections in descending score order each take the
+    unmatched non-crowd ground-truth box of highest IoU >= ``iou_threshold`` (a true positive); failing that,
+    a detection covered by a crowd box (intersection / detection area >= the threshold) is ignored, neither
+    true nor false positive; anything else is a false positive. Crowd boxes are not positives. Unlike the
+    COCO metrics, every detection counts: no cap per image and category (COCO keeps 100) and no area range
+    (an inverted box, of negative area, is a false positive rather than ignored).
 
     Args:
         coco_gt: COCO ground truth ``{"images": [{"id"}], "annotations": [{"image_id", "category_id",
             "bbox": [x, y, w, h] px, "iscrowd"?}], "categories": [{"id", "name"}]}``, e.g. a dataset's
-            ``to_coco_dict()``.
+            ``to_coco_dict()``. It is not modified.
         results: COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h] px, "score"}]``, e.g.
             ``CocoEvaluator.to_coco_results()``.
         iou_threshold: IoU needed for a match, in (0, 1].
@@ -127,31 +160,42 @@ def detection_curves(
     category_ids = [int(c["id"]) for c in categories]
     known_images = {int(image["id"]) for image in coco_gt.get("images") or []}
     selected = known_images if image_ids is None else {int(i) for i in image_ids}
-    image_column, category_column, score_column, box_column = _results_to_arrays(results)
-    _check_ids(image_column, category_column, known_images, set(category_ids), selected)
-
-    ground_truth = _group_ground_truth(coco_gt.get("annotations") or [], selected)
-    detections = _group_detections(image_column, category_column, score_column, box_column, selected)
-    scores, statuses, num_positives = _match_all(ground_truth, detections, category_ids, iou_threshold)
+    detections = _Detections.from_results(results)
+    check_result_ids(detections.image_ids, detections.category_ids, known_images, category_ids)
+    missing = sorted(selected - known_images)
+    if missing:
+        raise ValueError(f"image_ids {missing[:5]} are not in the ground truth's images")
+    detections = detections.select(np.isin(detections.image_ids, sorted(selected)))
+    ground_truth, crowd = _ground_truth(coco_gt, selected)
 
     recall_grid = np.linspace(0.0, 1.0, num_points)
     confidence_grid = np.linspace(0.0, 1.0, num_points)
+    precision_at_recall, status = _match(ground_truth, crowd, detections, iou_threshold, recall_grid)
+    positive_categories = np.array([a["category_id"] for a in ground_truth["annotations"]], dtype=np.int64)
+    num_positives = np.array([int((positive_categories[~crowd] == c).sum()) for c in category_ids], np.int64)
+    has_ground_truth = num_positives > 0
+    counted = status != _IGNORED
     rows = [
-        _class_curves(scores[c], statuses[c], num_positives[c], recall_grid, confidence_grid)
-        for c in category_ids
+        _confidence_curves(
+            detections.scores[counted & (detections.category_ids == c)],
+            status[counted & (detections.category_ids == c)] == _TRUE_POSITIVE,
+            int(count),
+            confidence_grid,
+        )
+        for c, count in zip(category_ids, num_positives, strict=True)
     ]
-    num_classes = len(category_ids)
-    precision_at_recall, precision, recall, f1 = (
-        np.array([row[i] for row in rows]) if rows else np.zeros((0, num_points)) for i in range(4)
+    precision, recall, f1 = (
+        np.array([row[i] for row in rows]) if rows else np.zeros((0, num_points)) for i in range(3)
     )  # each [C, num_points]
-    ap = precision_at_recall.mean(axis=1) if num_classes else np.zeros(0)
-    has_ground_truth = np.array([num_positives[c] > 0 for c in category_ids], dtype=bool)
+    # COCO marks classes without ground truth -1; here their rows are zeros and left out of the means.
+    precision_at_recall = np.where(has_ground_truth[:, None], precision_at_recall, 0.0)
+    ap = precision_at_recall.mean(axis=1) if category_ids else np.zeros(0)
     mean_f1 = _mean_over(f1, has_ground_truth, num_points)
     return DetectionCurves(
         iou_threshold=float(iou_threshold),
         category_ids=category_ids,
         category_names=[str(c.get("name", c["id"])) for c in categories],
-        num_ground_truth=np.array([num_positives[c] for c in category_ids], dtype=np.int64),
+        num_ground_truth=num_positives,
         has_ground_truth=has_ground_truth,
         recall_grid=recall_grid,
         precision_at_recall=precision_at_recall,
@@ -169,178 +213,93 @@ def detection_curves(
     )
 
 
-def _match_all(
-    ground_truth: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray]],
-    detections: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray]],
-    category_ids: list[int],
-    iou_threshold: float,
-) -> tuple[dict[int, list[np.ndarray]], dict[int, list[np.ndarray]], dict[int, int]]:
-    """Per category: score arrays and match-status arrays (one per image), and the number of positives."""
-    scores: dict[int, list[np.ndarray]] = {c: [] for c in category_ids}
-    statuses: dict[int, list[np.ndarray]] = {c: [] for c in category_ids}
-    num_positives = dict.fromkeys(category_ids, 0)
-    for (_, category_id), (_, crowd) in ground_truth.items():
-        if category_id in num_positives:  # annotations of categories missing from the list do not count
-            num_positives[category_id] += int((~crowd).sum())
-    no_boxes = (np.zeros((0, 4)), np.zeros(0, dtype=bool))
-    for key in sorted(detections):  # image order, then per-image score order: COCOeval's tie order
-        detection_boxes, detection_scores = detections[key]
-        gt_boxes, crowd = ground_truth.get(key, no_boxes)
-        statuses[key[1]].append(_match(detection_boxes, gt_boxes, crowd, iou_threshold))
-        scores[key[1]].append(detection_scores)
-    return scores, statuses, num_positives
+def _ground_truth(coco_gt: Mapping[str, Any], selected: set[int]) -> tuple[dict[str, Any], np.ndarray]:
+    """A fresh COCO dict of the ``selected`` images (annotations numbered 1..N) and the [N] crowd flags.
 
-
-def _results_to_arrays(
-    results: Sequence[Mapping[str, Any]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(image_id [D] int, category_id [D] int, score [D] float, bbox [D, 4] xywh px)`` of COCO results."""
-    count = len(results)
-    return (
-        np.fromiter((int(r["image_id"]) for r in results), dtype=np.int64, count=count),
-        np.fromiter((int(r["category_id"]) for r in results), dtype=np.int64, count=count),
-        np.fromiter((float(r["score"]) for r in results), dtype=np.float64, count=count),
-        np.array([r["bbox"] for r in results], dtype=np.float64).reshape(count, 4),
-    )
-
-
-def _check_ids(
-    image_ids: np.ndarray,
-    category_ids: np.ndarray,
-    known_images: set[int],
-    known_categories: set[int],
-    selected: set[int],
-) -> None:
-    unknown_images = sorted(set(np.unique(image_ids).tolist()) - known_images)
-    if unknown_images:
-        raise ValueError(
-            f"{len(unknown_images)} result image ids are not in the ground truth, e.g. {unknown_images[:5]}: "
-            "results and annotations come from different datasets or splits"
-        )
-    unknown_categories = sorted(set(np.unique(category_ids).tolist()) - known_categories)
-    if unknown_categories:
-        raise ValueError(
-            f"result category ids {unknown_categories[:10]} are not in the ground truth's categories "
-            f"{sorted(known_categories)[:10]}: map contiguous labels to the dataset's category ids first"
-        )
-    missing = sorted(selected - known_images)
-    if missing:
-        raise ValueError(f"image_ids {missing[:5]} are not in the ground truth's images")
-
-
-def _group_ground_truth(
-    annotations: Sequence[Mapping[str, Any]], selected: set[int]
-) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """``{(image_id, category_id): ([N, 4] xywh px boxes, [N] bool crowd)}``, non-crowd boxes first."""
-    grouped: dict[tuple[int, int], list[tuple[list[float], bool]]] = {}
-    for annotation in annotations:
-        image_id = int(annotation["image_id"])
-        if image_id in selected:
-            key = (image_id, int(annotation["category_id"]))
-            box = [float(v) for v in annotation["bbox"]]
-            grouped.setdefault(key, []).append((box, bool(annotation.get("iscrowd", 0))))
-    out = {}
-    for key, rows in grouped.items():
-        rows.sort(key=lambda row: row[1])  # stable: crowd boxes last, as COCOeval orders them
-        boxes = np.array([box for box, _ in rows], dtype=np.float64)
-        out[key] = (boxes, np.array([is_crowd for _, is_crowd in rows], dtype=bool))
-    return out
-
-
-def _group_detections(
-    image_ids: np.ndarray, category_ids: np.ndarray, scores: np.ndarray, boxes: np.ndarray, selected: set[int]
-) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """``{(image_id, category_id): ([D, 4] xywh px boxes, [D] scores)}``, by descending score (stable)."""
-    keep = np.isin(image_ids, np.fromiter(selected, dtype=np.int64, count=len(selected)))
-    image_ids, category_ids, scores, boxes = image_ids[keep], category_ids[keep], scores[keep], boxes[keep]
-    if not keep.any():
-        return {}
-    order = np.lexsort((-scores, category_ids, image_ids))  # stable, so equal scores keep the input order
-    image_ids, category_ids, scores, boxes = (
-        image_ids[order],
-        category_ids[order],
-        scores[order],
-        boxes[order],
-    )
-    new_group = np.ones(len(order), dtype=bool)
-    new_group[1:] = (image_ids[1:] != image_ids[:-1]) | (category_ids[1:] != category_ids[:-1])
-    starts = np.flatnonzero(new_group).tolist()
-    return {
-        (int(image_ids[start]), int(category_ids[start])): (boxes[start:end], scores[start:end])
-        for start, end in zip(starts, [*starts[1:], len(order)], strict=True)
+    Fresh, because faster-coco-eval writes into the annotation dicts it is given.
+    """
+    annotations = []
+    for annotation in coco_gt.get("annotations") or []:
+        if int(annotation["image_id"]) in selected:
+            x, y, w, h = (float(v) for v in annotation["bbox"])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(annotation["image_id"]),
+                    "category_id": int(annotation["category_id"]),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(bool(annotation.get("iscrowd", 0))),
+                }
+            )
+    dataset = {
+        "images": [{"id": image_id} for image_id in sorted(selected)],
+        "annotations": annotations,
+        "categories": [{"id": int(c["id"])} for c in coco_gt.get("categories") or []],
     }
-
-
-def _overlaps(detections: np.ndarray, ground_truth: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """[D, G] IoU of xywh boxes; for crowd columns intersection / detection area (COCO's crowd rule)."""
-    d = detections[:, None, :]
-    g = ground_truth[None, :, :]
-    width = np.minimum(d[..., 0] + d[..., 2], g[..., 0] + g[..., 2]) - np.maximum(d[..., 0], g[..., 0])
-    height = np.minimum(d[..., 1] + d[..., 3], g[..., 1] + g[..., 3]) - np.maximum(d[..., 1], g[..., 1])
-    intersection = width.clip(min=0) * height.clip(min=0)
-    area_detections = detections[:, 2].clip(min=0) * detections[:, 3].clip(min=0)
-    area_ground_truth = ground_truth[:, 2].clip(min=0) * ground_truth[:, 3].clip(min=0)
-    union = np.where(  # [D, G]
-        crowd[None, :], area_detections[:, None], area_detections[:, None] + area_ground_truth - intersection
-    )
-    # Zero-area boxes (degenerate labels or predictions) overlap nothing rather than dividing by zero.
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+    return dataset, np.array([bool(a["iscrowd"]) for a in annotations], dtype=bool)
 
 
 def _match(
-    detections: np.ndarray, ground_truth: np.ndarray, crowd: np.ndarray, threshold: float
-) -> np.ndarray:
-    """Greedy COCO matching of score-sorted detections [D, 4] to ground truth [G, 4]; returns [D] statuses."""
-    status = np.full(len(detections), _FALSE_POSITIVE, dtype=np.int8)
-    if not len(ground_truth) or not len(detections):
-        return status
-    overlaps = _overlaps(detections, ground_truth, crowd)  # [D, G]
-    # COCOeval caps the threshold just below 1 so that a perfect box still matches at IoU 1.
-    threshold = min(threshold, 1 - 1e-10)
-    if crowd.any():
-        status[(overlaps[:, crowd] >= threshold).any(axis=1)] = _IGNORED  # unless a normal box takes it below
-    normal = np.flatnonzero(~crowd)
-    overlaps = overlaps[:, normal]  # [D, G'] non-crowd columns
-    free = np.ones(len(normal), dtype=bool)
-    # Only detections that reach the threshold with some box can be true positives; the greedy walk in score
-    # order (which boxes are still free) is needed for those alone.
-    for index in np.flatnonzero((overlaps >= threshold).any(axis=1)):
-        candidates = np.where(free, overlaps[index], -1.0)
-        best = int(np.argmax(candidates))
-        if candidates[best] >= threshold:
-            status[index] = _TRUE_POSITIVE
-            free[best] = False
-    return status
-
-
-def _class_curves(
-    scores: list[np.ndarray],
-    statuses: list[np.ndarray],
-    num_positives: int,
+    ground_truth: dict[str, Any],
+    crowd: np.ndarray,
+    detections: _Detections,
+    iou_threshold: float,
     recall_grid: np.ndarray,
-    confidence_grid: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One class's ``(precision_at_recall [R], precision [K], recall [K], f1 [K])``."""
-    zeros_recall, zeros_confidence = np.zeros(len(recall_grid)), np.zeros(len(confidence_grid))
+) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval at one IoU threshold: ``(precision_at_recall [C, R] in category-list order, status [D])``.
+
+    Precision rows of classes without ground truth are -1 (COCO's mark); statuses are true positive, ignored
+    (covered by a crowd box) or false positive.
+    """
+    order = {c["id"]: row for row, c in enumerate(ground_truth["categories"])}
+    precision_at_recall = np.zeros((len(order), len(recall_grid)))
+    status = np.full(len(detections.scores), _FALSE_POSITIVE, dtype=np.int8)
+    if not len(status) or not order:
+        return precision_at_recall, status
+    groups = np.stack((detections.image_ids, detections.category_ids))  # [2, D]
+    largest_group = int(np.unique(groups, axis=1, return_counts=True)[1].max())
+    columns = (detections.image_ids, detections.category_ids, detections.boxes, detections.scores)
+    # What loadRes would make of the results (without the polygon it adds to each), numbered 1..D in order.
+    rows = zip(*(column.tolist() for column in columns), strict=True)
+    results = [
+        {"id": number, "image_id": i, "category_id": c, "bbox": box, "score": s, "area": box[2] * box[3]}
+        for number, (i, c, box, s) in enumerate(rows, start=1)
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # faster-coco-eval prints progress in places
+        coco_gt = COCO(ground_truth)
+        coco_dt = COCO({**ground_truth, "annotations": results})
+        evaluation = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=logger.debug)
+        params = evaluation.params
+        params.imgIds = [image["id"] for image in ground_truth["images"]]
+        params.iouThrs = np.array([iou_threshold], dtype=np.float64)
+        params.recThrs = recall_grid
+        # Every detection counts: one unbounded area range, and room for all detections of a group.
+        params.areaRng, params.areaRngLbl = [[-np.inf, np.inf]], ["all"]
+        params.maxDets = [largest_group]
+        evaluation.evaluate()
+        evaluation.accumulate()
+    coco_rows = np.asarray(evaluation.eval["precision"])[0, :, :, 0, 0].T  # [C sorted by id, R]
+    for coco_row, category_id in enumerate(params.catIds):
+        precision_at_recall[order[category_id]] = coco_rows[coco_row]
+    for key in evaluation.eval["matched"]:  # "detection id_ground-truth id", both counted from 1
+        detection, truth = (int(part) - 1 for part in key.split("_"))
+        status[detection] = _IGNORED if crowd[truth] else _TRUE_POSITIVE
+    return precision_at_recall, status
+
+
+def _confidence_curves(
+    scores: np.ndarray, true_positive: np.ndarray, num_positives: int, confidence_grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's ``(precision [K], recall [K], f1 [K])`` from its counted detections' [D] scores and
+    [D] bool true-positive flags."""
+    zeros = np.zeros(len(confidence_grid))
     if num_positives == 0:
-        return zeros_recall, zeros_confidence, zeros_confidence, zeros_confidence
-    score = np.concatenate([*scores, np.zeros(0)])
-    status = np.concatenate([*statuses, np.zeros(0, dtype=np.int8)])
-    kept = status != _IGNORED
-    order = np.argsort(-score[kept], kind="stable")  # across images; ties keep image order as COCOeval does
-    score, true_positive = score[kept][order], status[kept][order] == _TRUE_POSITIVE
-    if not len(score):
-        return zeros_recall, np.ones(len(confidence_grid)), zeros_confidence, zeros_confidence
-    cumulative_tp = np.cumsum(true_positive)  # [D]
-    recall_curve = cumulative_tp / num_positives
-    precision_curve = cumulative_tp / np.arange(1, len(score) + 1)
-
-    # Envelope: precision at recall r is the best precision reached at any recall >= r (0 if never reached).
-    envelope = np.maximum.accumulate(precision_curve[::-1])[::-1]
-    positions = np.searchsorted(recall_curve, recall_grid, side="left")  # [R]
-    reached = positions < len(score)
-    precision_at_recall = np.where(reached, envelope[np.minimum(positions, len(score) - 1)], 0.0)
-
+        return zeros, zeros, zeros
+    if not len(scores):
+        return np.ones(len(confidence_grid)), zeros, zeros
+    order = np.argsort(-scores, kind="stable")
+    score, cumulative_tp = scores[order], np.cumsum(true_positive[order])  # [D]
     # Detections with score >= t: scores are descending, so they are a prefix of length kept_count.
     kept_count = np.searchsorted(-score, -confidence_grid, side="right")  # [K]
     tp_at = np.concatenate([[0], cumulative_tp])[kept_count]  # [K]
@@ -348,7 +307,7 @@ def _class_curves(
     recall = tp_at / num_positives
     total = precision + recall
     f1 = np.divide(2 * precision * recall, total, out=np.zeros(len(confidence_grid)), where=total > 0)
-    return precision_at_recall, precision, recall, f1
+    return precision, recall, f1
 
 
 def _mean_over(values: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -99,7 +100,9 @@ def evaluate(
     category_of_label = _category_table(postprocessor, evaluator, category_ids, dataset).to(device)
     was_training = model.training
     model.eval()
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not is_main_process()):
+    # A bar only on a terminal: in a log file (SLURM, a pipe) every redrawn frame would stay, joined by '\r'.
+    show_bar = is_main_process() and sys.stderr.isatty()
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not show_bar):
         images = images.to(device, non_blocking=True)
         # letterboxed images map back through their padded frame, not the original size
         orig_sizes = torch.stack([original_frame_size(t) for t in targets]).to(device)

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dfine.config.registry import LOSSES, ConfigError, did_you_mean
-from dfine.losses.loss_terms import cxcywh_to_xyxy_nonnegative
 from dfine.losses.output_terms import (
     BatchContext,
     FglTargets,
@@ -37,6 +36,7 @@ from dfine.losses.output_terms import (
     output_terms,
 )
 from dfine.losses.pairs import Matching, Pairs, denoising_matches, to_device, union_of_matches
+from dfine.ops.box_ops import box_cxcywh_to_xyxy
 
 __all__ = ["DFINECriterion"]
 
@@ -186,7 +186,7 @@ class DFINECriterion(nn.Module):
         context = BatchContext(
             labels=torch.cat([t["labels"] for t in targets]).to(device).long(),
             target_boxes=target_boxes,
-            target_xyxy=cxcywh_to_xyxy_nonnegative(target_boxes),
+            target_xyxy=box_cxcywh_to_xyxy(target_boxes),
             up=outputs.get("up"),
             reg_scale=outputs.get("reg_scale"),
             ddf_weights=((positive * scale) ** 0.5, ((total - positive) * scale) ** 0.5),

@@ -17,55 +17,12 @@ import torchvision
 from torch import Tensor
 
 __all__ = [
-    "AREA_FLOOR",
     "box_losses",
-    "cxcywh_to_xyxy_nonnegative",
     "decoupled_distillation_loss",
     "fine_grained_localization_loss",
-    "paired_iou_and_giou",
     "sigmoid_focal_loss",
     "varifocal_loss",
 ]
-
-# Denominators of IoU/GIoU are clamped to this floor (not offset by it): results are bit-identical to the
-# unguarded formula for any real box, and two zero-area boxes give IoU = GIoU = 0 instead of 0/0 = NaN.
-AREA_FLOOR = 1e-9
-
-
-def cxcywh_to_xyxy_nonnegative(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` cxcywh -> ``[..., 4]`` xyxy with negative widths/heights treated as 0.
-
-    Decoded D-FINE boxes can come out inverted early in training; the original criterion and matcher clamp the
-    size at 0 before IoU maths, and so do we (the clamp also stops gradients through an inverted size).
-    """
-    cx, cy, w, h = boxes.unbind(-1)
-    w, h = w.clamp(min=0.0), h.clamp(min=0.0)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
-
-
-def paired_iou_and_giou(pred_xyxy: Tensor, target_xyxy: Tensor) -> tuple[Tensor, Tensor]:
-    """IoU and generalised IoU of paired boxes, broadcasting over leading dimensions.
-
-    Args:
-        pred_xyxy: [..., 4] predicted boxes, xyxy (x1 >= x0, y1 >= y0).
-        target_xyxy: [..., 4] target boxes, xyxy, broadcastable against ``pred_xyxy``.
-
-    Returns:
-        ``(iou, giou)``, each of the broadcast shape without the last dimension; IoU in 0..1, GIoU in -1..1.
-    """
-    pred_area = (pred_xyxy[..., 2] - pred_xyxy[..., 0]) * (pred_xyxy[..., 3] - pred_xyxy[..., 1])
-    target_area = (target_xyxy[..., 2] - target_xyxy[..., 0]) * (target_xyxy[..., 3] - target_xyxy[..., 1])
-    top_left = torch.max(pred_xyxy[..., :2], target_xyxy[..., :2])
-    bottom_right = torch.min(pred_xyxy[..., 2:], target_xyxy[..., 2:])
-    overlap = (bottom_right - top_left).clamp(min=0)
-    intersection = overlap[..., 0] * overlap[..., 1]
-    union = pred_area + target_area - intersection
-    iou = intersection / union.clamp(min=AREA_FLOOR)
-    hull_top_left = torch.min(pred_xyxy[..., :2], target_xyxy[..., :2])
-    hull_bottom_right = torch.max(pred_xyxy[..., 2:], target_xyxy[..., 2:])
-    hull_size = (hull_bottom_right - hull_top_left).clamp(min=0)
-    hull = hull_size[..., 0] * hull_size[..., 1]
-    return iou, iou - (hull - union) / hull.clamp(min=AREA_FLOOR)
 
 
 def _one_hot_targets(logits: Tensor, batch_index: Tensor, query_index: Tensor, labels: Tensor) -> Tensor:
@@ -135,7 +92,7 @@ def box_losses(
     Args:
         pred_boxes: [K, 4] matched predictions, cxcywh in 0..1.
         target_boxes: [K, 4] their targets, cxcywh in 0..1.
-        giou: [K] GIoU of each pair (with gradient), from :func:`paired_iou_and_giou`.
+        giou: [K] GIoU of each pair (with gradient), from :func:`dfine.ops.box_ops.paired_iou_and_giou`.
         num_boxes: normaliser, >= 1.
         giou_weight: optional [K] per-pair weight of the GIoU term (``boxes_weight_format``).
 

@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from dfine.config.registry import LOSSES, ConfigError, did_you_mean
-from dfine.losses.loss_terms import cxcywh_to_xyxy_nonnegative, paired_iou_and_giou
+from dfine.ops.box_ops import box_cxcywh_to_xyxy, paired_iou_and_giou
 
 __all__ = ["HungarianMatcher", "ImageMatch"]
 
@@ -148,7 +148,7 @@ class HungarianMatcher(nn.Module):
         device = logits.device
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # [N]
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()  # [N, 4] cxcywh
-        target_xyxy = cxcywh_to_xyxy_nonnegative(target_boxes)
+        target_xyxy = box_cxcywh_to_xyxy(target_boxes)
         image_of_target = torch.repeat_interleave(  # output_size given: no device->host sync
             torch.arange(batch_size, device=device),
             torch.tensor(sizes, device=device),
@@ -157,7 +157,7 @@ class HungarianMatcher(nn.Module):
         probs = logits.sigmoid() if self.use_focal_loss else logits.softmax(-1)
         probs_by_class = probs.permute(1, 3, 0, 2)  # [B, C, G, Q]
         pred_boxes = boxes.transpose(0, 1)  # [B, G, Q, 4] cxcywh
-        pred_xyxy = cxcywh_to_xyxy_nonnegative(pred_boxes)
+        pred_xyxy = box_cxcywh_to_xyxy(pred_boxes)
         rows_per_chunk = max(1, self.max_cost_entries // (num_outputs * num_queries))
         chunks = []
         for start in range(0, labels.shape[0], rows_per_chunk):

@@ -15,14 +15,13 @@ from torch import Tensor
 
 from dfine.losses.loss_terms import (
     box_losses,
-    cxcywh_to_xyxy_nonnegative,
     decoupled_distillation_loss,
     fine_grained_localization_loss,
-    paired_iou_and_giou,
     sigmoid_focal_loss,
     varifocal_loss,
 )
 from dfine.losses.pairs import Pairs
+from dfine.ops.box_ops import box_cxcywh_to_xyxy, paired_iou_and_giou
 from dfine.ops.fdr import box_to_distance
 
 __all__ = ["BatchContext", "LossSettings", "Supervision", "fgl_targets", "output_terms"]
@@ -105,7 +104,7 @@ def output_terms(
     box_pairs = supervision.box_pairs
     matched_boxes = output["pred_boxes"].float()[box_pairs.batch_index, box_pairs.query_index]  # [K, 4]
     iou, giou = paired_iou_and_giou(
-        cxcywh_to_xyxy_nonnegative(matched_boxes), context.target_xyxy[box_pairs.target_index]
+        box_cxcywh_to_xyxy(matched_boxes), context.target_xyxy[box_pairs.target_index]
     )
     terms: dict[str, Tensor] = {}
     for name in settings.losses:
@@ -146,7 +145,7 @@ def _class_terms(
         with torch.no_grad():
             matched = output["pred_boxes"].float()[pairs.batch_index, pairs.query_index]
             iou, giou = paired_iou_and_giou(
-                cxcywh_to_xyxy_nonnegative(matched), context.target_xyxy[pairs.target_index]
+                box_cxcywh_to_xyxy(matched), context.target_xyxy[pairs.target_index]
             )
     scores = (giou if settings.boxes_weight_format == "giou" else iou).detach()
     loss = varifocal_loss(

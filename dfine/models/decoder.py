@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfine.config.registry import MODELS
+from dfine.config.registry import MODELS, ConfigError
 from dfine.models.common import conv_with_bias_like, fold_norm_into_conv
 from dfine.models.decoder_layers import MLP, DecoderHeads, DecoderLayer, FDRDecoder
 from dfine.models.deformable_attention import SAMPLING_METHODS
@@ -98,9 +98,9 @@ class DFINETransformer(nn.Module):
         super().__init__()
         _check_arguments(feat_channels, feat_strides, num_levels, num_layers, eval_idx, hidden_dim, nhead)
         if cross_attn_method not in SAMPLING_METHODS:
-            raise ValueError(f"cross_attn_method {cross_attn_method!r} is not one of {SAMPLING_METHODS}")
+            raise ConfigError(f"cross_attn_method {cross_attn_method!r} is not one of {SAMPLING_METHODS}")
         if query_select_method not in QUERY_SELECT_METHODS:
-            raise ValueError(
+            raise ConfigError(
                 f"query_select_method {query_select_method!r} is not one of {QUERY_SELECT_METHODS}"
             )
         strides = list(feat_strides)
@@ -384,16 +384,16 @@ def _check_arguments(
     feat_channels, feat_strides, num_levels, num_layers, eval_idx, hidden_dim, nhead
 ) -> None:
     if len(feat_channels) > num_levels:
-        raise ValueError(f"feat_channels {list(feat_channels)} has more levels than num_levels={num_levels}")
+        raise ConfigError(f"feat_channels {list(feat_channels)} has more levels than num_levels={num_levels}")
     if len(feat_strides) != len(feat_channels):
-        raise ValueError(
+        raise ConfigError(
             f"feat_strides {list(feat_strides)} must give one stride per entry of feat_channels "
             f"{list(feat_channels)}"
         )
     if not -num_layers <= eval_idx < num_layers:
-        raise ValueError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
+        raise ConfigError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
     if hidden_dim % nhead:
-        raise ValueError(f"hidden_dim {hidden_dim} is not divisible by nhead {nhead}")
+        raise ConfigError(f"hidden_dim {hidden_dim} is not divisible by nhead {nhead}")
 
 
 def _layer_dicts(

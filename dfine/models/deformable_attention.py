@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfine.config.registry import ConfigError
+
 __all__ = ["SAMPLING_METHODS", "MSDeformableAttention", "deformable_sampling", "split_value_levels"]
 
 SAMPLING_METHODS: tuple[str, ...] = ("default", "discrete")
@@ -141,15 +143,17 @@ class MSDeformableAttention(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if method not in SAMPLING_METHODS:
-            raise ValueError(f"unknown cross_attn_method {method!r}; use one of {SAMPLING_METHODS}")
+            raise ConfigError(f"unknown cross_attn_method {method!r}; use one of {SAMPLING_METHODS}")
         if isinstance(num_points, int):
             points = (num_points,) * num_levels
         else:
             points = tuple(int(n) for n in num_points)
         if len(points) != num_levels:
-            raise ValueError(f"num_points {list(points)} must give one count per level ({num_levels} levels)")
+            raise ConfigError(
+                f"num_points {list(points)} must give one count per level ({num_levels} levels)"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_levels = num_levels

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfine.config.registry import ConfigError
 from dfine.models.common import ConvNormLayer, get_activation
 
 __all__ = ["CSPLayer", "RepNCSPELAN4", "RepVGGBlock", "SCDown"]
@@ -121,7 +122,7 @@ class RepNCSPELAN4(nn.Module):
     ) -> None:
         super().__init__()
         if split_channels % 2 != 0:
-            raise ValueError(f"RepNCSPELAN4 split_channels must be even, got {split_channels}.")
+            raise ConfigError(f"RepNCSPELAN4 split_channels must be even, got {split_channels}.")
         self.half = split_channels // 2
         self.cv1 = ConvNormLayer(in_channels, split_channels, 1, 1, bias=bias, act=act)
         self.cv2 = nn.Sequential(

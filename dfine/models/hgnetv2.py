@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfine.config.registry import MODELS
+from dfine.config.registry import MODELS, ConfigError
 from dfine.models.common import conv_with_bias_like, fold_norm_into_conv, freeze_batch_norm
 
 __all__ = ["VARIANTS", "HGNetv2"]
@@ -305,14 +305,14 @@ class HGNetv2(nn.Module):
     ) -> None:
         super().__init__()
         if name not in VARIANTS:
-            raise ValueError(f"unknown HGNetv2 variant {name!r}; choose one of {', '.join(VARIANTS)}.")
+            raise ConfigError(f"unknown HGNetv2 variant {name!r}; choose one of {', '.join(VARIANTS)}.")
         return_idx = list(return_idx)
         if (
             not return_idx
             or any(i not in range(4) for i in return_idx)
             or return_idx != sorted(set(return_idx))
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"HGNetv2 return_idx {return_idx} must list distinct stage indices 0..3 in increasing order, "
                 "e.g. [1, 2, 3] (strides 8, 16, 32)."
             )
@@ -328,7 +328,7 @@ class HGNetv2(nn.Module):
         if freeze_norm:
             freeze_batch_norm(self)
         if pretrained is True:
-            raise ValueError(
+            raise ConfigError(
                 "HGNetv2 pretrained must be a local file path or None, not True: dfine never downloads "
                 f"weights. Download {_WEIGHTS_URL.format(name=name)} and set pretrained to its path."
             )

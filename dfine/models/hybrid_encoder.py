@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfine.config.registry import MODELS
+from dfine.config.registry import MODELS, ConfigError
 from dfine.models.common import ConvNormLayer, get_activation
 from dfine.models.fusion_blocks import RepNCSPELAN4, SCDown
 
@@ -205,17 +205,17 @@ class HybridEncoder(nn.Module):
         use_encoder_idx: Sequence[int],
     ) -> None:
         if len(in_channels) != len(feat_strides):
-            raise ValueError(
+            raise ConfigError(
                 f"HybridEncoder in_channels {list(in_channels)} and feat_strides {list(feat_strides)} must "
                 "have one entry per backbone level."
             )
         if any(i not in range(len(in_channels)) for i in use_encoder_idx):
-            raise ValueError(
+            raise ConfigError(
                 f"HybridEncoder use_encoder_idx {list(use_encoder_idx)} must index in_channels "
                 f"(0..{len(in_channels) - 1}); D-FINE uses the last level, [{len(in_channels) - 1}]."
             )
         if use_encoder_idx and (hidden_dim % 4 != 0 or hidden_dim % nhead != 0):
-            raise ValueError(
+            raise ConfigError(
                 f"HybridEncoder hidden_dim {hidden_dim} must be divisible by 4 (position embedding) and by "
                 f"nhead {nhead}."
             )

@@ -8,23 +8,20 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+from torchvision.ops import box_convert
 
-from dfine.config.registry import MODELS
+from dfine.config.registry import MODELS, ConfigError
 
 __all__ = ["COCO80_TO_COCO91", "DFINEPostProcessor", "Detections"]
 
-# COCO's 80 used categories in their contiguous order -> the official ids 1..90 (11 ids are unused).
-COCO80_TO_COCO91: tuple[int, ...] = (
-    *range(1, 12),
-    *range(13, 26),
-    27,
-    28,
-    *range(31, 45),
-    *range(46, 66),
-    67,
-    70,
-    *range(72, 83),
-    *range(84, 91),
+# COCO's 80 used categories in their contiguous order -> the official ids 1..90. torchvision's COCO table
+# lists the names by official id: '__background__' at 0 and 'N/A' at the 10 ids COCO never used.
+# dfine.data.coco_names.COCO_NAMES reads the names from the same table, so both line up by construction.
+COCO80_TO_COCO91: tuple[int, ...] = tuple(
+    category_id
+    for category_id, name in enumerate(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+    if name not in ("__background__", "N/A")
 )
 
 
@@ -62,7 +59,7 @@ class DFINEPostProcessor(nn.Module):
     ) -> None:
         super().__init__()
         if remap_mscoco_category and label_to_category is not None:
-            raise ValueError("give either remap_mscoco_category=True or label_to_category, not both")
+            raise ConfigError("give either remap_mscoco_category=True or label_to_category, not both")
         table = COCO80_TO_COCO91 if remap_mscoco_category else label_to_category
         if table is not None and len(table) < num_classes:
             raise ValueError(
@@ -105,8 +102,7 @@ class DFINEPostProcessor(nn.Module):
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         # Not clamped, like the original: a box with negative width stays inverted and COCO eval ignores it.
-        centre, size = boxes[..., :2], boxes[..., 2:]
-        boxes_px = torch.cat((centre - 0.5 * size, centre + 0.5 * size), dim=-1)
+        boxes_px = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
         boxes_px = boxes_px * orig_target_sizes.repeat(1, 2).unsqueeze(1)  # [B, Q, 4] xyxy pixels
         if self.use_focal_loss:
             scores, labels, index = self._top_focal(logits)

@@ -1,12 +1,6 @@
-"""Small pure tensor functions: box formats, IoU and the FDR distance maths."""
+"""Small pure tensor functions: box formats, paired IoU / GIoU and the FDR distance maths."""
 
-from dfine.ops.box_ops import (
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    elementwise_generalized_box_iou,
-    generalized_box_iou,
-)
+from dfine.ops.box_ops import AREA_FLOOR, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, paired_iou_and_giou
 from dfine.ops.fdr import (
     box_to_distance,
     distance_to_bins,
@@ -16,14 +10,13 @@ from dfine.ops.fdr import (
 )
 
 __all__ = [
+    "AREA_FLOOR",
     "box_cxcywh_to_xyxy",
-    "box_iou",
     "box_to_distance",
     "box_xyxy_to_cxcywh",
     "distance_to_bins",
     "distance_to_box",
     "distribution_integral",
-    "elementwise_generalized_box_iou",
-    "generalized_box_iou",
+    "paired_iou_and_giou",
     "weighting_function",
 ]

@@ -1,8 +1,9 @@
-"""Box format conversions and IoU maths.
+"""Box format conversions and the IoU / GIoU of paired boxes.
 
 Boxes are float tensors ``[..., 4]``; ``cxcywh`` is centre x, centre y, width, height and ``xyxy`` is
 left, top, right, bottom, both in the same units (normalised 0..1 or pixels). Every function is pure and
-handles ``N = 0``.
+handles ``N = 0``. Where nothing needs the clamp of :func:`box_cxcywh_to_xyxy` (ground truth,
+post-processing), callers use ``torchvision.ops.box_convert``, whose arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = [
-    "box_cxcywh_to_xyxy",
-    "box_iou",
-    "box_xyxy_to_cxcywh",
-    "elementwise_generalized_box_iou",
-    "generalized_box_iou",
-]
+__all__ = ["AREA_FLOOR", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "paired_iou_and_giou"]
+
+# Denominators of IoU/GIoU are clamped to this floor (not offset by it): results are bit-identical to the
+# unguarded formula for any real box, and two zero-area boxes give IoU = GIoU = 0 instead of 0/0 = NaN.
+AREA_FLOOR = 1e-9
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` cxcywh -> ``[..., 4]`` xyxy (same units).
+    """``[..., 4]`` cxcywh -> ``[..., 4]`` xyxy (same units), negative widths and heights counted as zero.
 
-    Negative widths and heights count as zero (as in the original D-FINE), so an inverted FDR prediction
-    becomes a point box instead of an xyxy box with x1 < x0, which would break IoU and GIoU.
+    Decoded D-FINE boxes can come out inverted early in training; like the original criterion and matcher,
+    such a box becomes a point box instead of an xyxy box with x1 < x0, which would break IoU and GIoU (the
+    clamp also stops gradients through an inverted size).
     """
     cx, cy, w, h = boxes.unbind(-1)
     half_w, half_h = 0.5 * w.clamp(min=0.0), 0.5 * h.clamp(min=0.0)
@@ -36,64 +36,26 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
 
 
-def _area(boxes_xyxy: Tensor) -> Tensor:
-    return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
-
-
-def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of two sets of xyxy boxes.
+def paired_iou_and_giou(pred_xyxy: Tensor, target_xyxy: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and generalised IoU (https://giou.stanford.edu/) of paired boxes, broadcasting over leading dims.
 
     Args:
-        boxes1: [N, 4] xyxy.
-        boxes2: [M, 4] xyxy.
-        eps: added to the union (0 keeps the original D-FINE numerics; the losses pass a small value).
+        pred_xyxy: [..., 4] predicted boxes, xyxy (x1 >= x0, y1 >= y0).
+        target_xyxy: [..., 4] target boxes, xyxy, broadcastable against ``pred_xyxy``.
 
     Returns:
-        ``(iou, union)``, each [N, M].
+        ``(iou, giou)``, each of the broadcast shape without the last dimension; IoU in 0..1, GIoU in -1..1.
     """
-    area1, area2 = _area(boxes1), _area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
-    return inter / (union + eps), union
-
-
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> Tensor:
-    """Pairwise generalised IoU (https://giou.stanford.edu/) of xyxy boxes.
-
-    Args:
-        boxes1: [N, 4] xyxy with x1 >= x0, y1 >= y0.
-        boxes2: [M, 4] xyxy.
-        eps: added to denominators so zero-area boxes stay finite.
-
-    Returns:
-        [N, M] GIoU in -1..1.
-    """
-    iou, union = box_iou(boxes1, boxes2, eps)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / (hull + eps)
-
-
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> Tensor:
-    """GIoU of matching pairs: ``boxes1[i]`` with ``boxes2[i]``.
-
-    Args:
-        boxes1: [N, 4] xyxy.
-        boxes2: [N, 4] xyxy.
-
-    Returns:
-        [N] GIoU, the diagonal of :func:`generalized_box_iou` without the [N, N] matrix.
-    """
-    area1, area2 = _area(boxes1), _area(boxes2)
-    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = area1 + area2 - inter
-    iou = inter / (union + eps)
-    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    hull = hull_wh[:, 0] * hull_wh[:, 1]
-    return iou - (hull - union) / (hull + eps)
+    pred_area = (pred_xyxy[..., 2] - pred_xyxy[..., 0]) * (pred_xyxy[..., 3] - pred_xyxy[..., 1])
+    target_area = (target_xyxy[..., 2] - target_xyxy[..., 0]) * (target_xyxy[..., 3] - target_xyxy[..., 1])
+    top_left = torch.max(pred_xyxy[..., :2], target_xyxy[..., :2])
+    bottom_right = torch.min(pred_xyxy[..., 2:], target_xyxy[..., 2:])
+    overlap = (bottom_right - top_left).clamp(min=0)
+    intersection = overlap[..., 0] * overlap[..., 1]
+    union = pred_area + target_area - intersection
+    iou = intersection / union.clamp(min=AREA_FLOOR)
+    hull_top_left = torch.min(pred_xyxy[..., :2], target_xyxy[..., :2])
+    hull_bottom_right = torch.max(pred_xyxy[..., 2:], target_xyxy[..., 2:])
+    hull_size = (hull_bottom_right - hull_top_left).clamp(min=0)
+    hull = hull_size[..., 0] * hull_size[..., 1]
+    return iou, iou - (hull - union) / hull.clamp(min=AREA_FLOOR)

@@ -198,6 +198,14 @@ def test_too_small_num_classes_names_the_file_and_the_right_value(tmp_path, capl
     assert "never trained" in caplog.text
 
 
+def test_a_missing_or_malformed_annotation_file_is_named_in_the_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"annotation file not found: .*none\.json \(check ann_file"):
+        CocoDetection(str(tmp_path), str(tmp_path / "none.json"))
+    (tmp_path / "cut.json").write_text('{"images": [')
+    with pytest.raises(ConfigError, match=r"cut\.json: not valid JSON \(.*line 1"):
+        CocoDetection(str(tmp_path), str(tmp_path / "cut.json"))
+
+
 def test_duplicate_category_ids_are_rejected():
     with pytest.raises(ValueError, match="category id 4 is listed twice"):
         LabelMap([{"id": 4, "name": "a"}, {"id": 4, "name": "b"}])

@@ -91,6 +91,15 @@ def test_merge_refuses_clashing_image_ids(fake_obj365):
         merge_validation_into_train(fake_obj365, new_val_size=2, images="none")
 
 
+def test_a_missing_or_malformed_annotation_file_is_named_in_the_error(fake_obj365):
+    (fake_obj365 / "train" / "zhiyuan_objv2_train.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"annotation file not found: .*zhiyuan_objv2_train\.json"):
+        merge_validation_into_train(fake_obj365, images="none")
+    (fake_obj365 / "train" / "zhiyuan_objv2_train.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"zhiyuan_objv2_train\.json: not valid JSON"):
+        merge_validation_into_train(fake_obj365, images="none")
+
+
 def test_resize_shrinks_large_images_and_scales_their_boxes(fake_obj365):
     ann_file = fake_obj365 / "train" / "zhiyuan_objv2_train.json"
     out = resize_coco_images(ann_file, fake_obj365 / "train", max_size=40, num_threads=2)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfine.engine.ema import ModelEMA
+from dfine.config.registry import EMAS, ConfigError
+from dfine.engine.ema import ModelEMA, build_ema
 
 
 def tiny_model() -> nn.Module:
@@ -110,6 +111,38 @@ def test_wrapped_model_is_unwrapped_and_the_copy_is_frozen_in_eval_mode():
     shift_weights(model, 1.0)
     ema.update(wrapped)
     assert ema.updates == 1
+
+
+def test_restart_without_a_decay_uses_restart_decay_from_the_block():
+    ema = build_ema({"type": "ModelEMA", "decay": 0.9999, "warmups": 5, "restart_decay": 0.99}, tiny_model())
+    assert isinstance(ema, ModelEMA) and ema.decay == 0.9999 and ema.restart_decay == 0.99
+    ema.restart()
+    assert ema.decay == 0.99 and ema.updates == 0
+    ema.restart(0.9)  # an explicit decay still wins
+    assert ema.decay == 0.9
+
+
+def test_restart_without_any_restart_decay_keeps_the_decay():
+    ema = ModelEMA(tiny_model(), decay=0.999)
+    ema.restart()
+    assert ema.decay == 0.999
+
+
+def test_build_ema_goes_through_the_registry_and_rejects_an_unknown_type_or_argument():
+    assert EMAS.get("ModelEMA") is ModelEMA
+    with pytest.raises(ConfigError, match=r"unknown ema type 'EMA'.*Registered ema types: ModelEMA"):
+        build_ema({"type": "EMA"}, tiny_model())
+    with pytest.raises(
+        ConfigError, match=r"ema\.decai is not an argument of ModelEMA\. Did you mean 'decay'"
+    ):
+        build_ema({"type": "ModelEMA", "decai": 0.9}, tiny_model())
+    with pytest.raises(ConfigError, match=r"ema\.decay must be in \[0, 1\), got 1\.5"):
+        build_ema({"type": "ModelEMA", "decay": 1.5}, tiny_model())
+
+
+def test_no_ema_block_gives_the_defaults():
+    ema = build_ema(None, tiny_model())
+    assert (ema.decay, ema.warmups, ema.start, ema.restart_decay) == (0.9999, 1000, 0, None)
 
 
 @pytest.mark.original

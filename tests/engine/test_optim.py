@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfine.config.registry import ConfigError
+from dfine.config import Config
+from dfine.config.registry import OPTIMIZERS, ConfigError
 from dfine.engine.optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
 
 # The regexes of the original configs/dfine/include/optimizer.yml.
@@ -137,6 +138,22 @@ def test_unknown_optimizer_type_and_misspelt_setting_give_helpful_errors():
         param_groups_from_config(TinyDetector(), optimizer_block(params=[{"params": "(unclosed"}]))
 
 
+def test_optimizer_types_and_settings_are_looked_up_in_the_optimizers_registry():
+    assert OPTIMIZERS.names == ["Adam", "AdamW", "SGD"] and OPTIMIZERS.get("AdamW") is torch.optim.AdamW
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr is not an argument of AdamW\. Did you mean 'lr'"):
+        build_optimizer(TinyDetector(), optimizer_block(lrr=0.1))
+    with pytest.raises(ConfigError, match=r"optimizer\.params\[1\]\.weight_decy is not a setting of AdamW"):
+        build_optimizer(
+            TinyDetector(), optimizer_block(params=[{"params": "^enc"}, {"params": "^dec", "weight_decy": 0}])
+        )
+
+
+def test_an_error_inside_the_optimizer_constructor_is_not_disguised_as_a_config_error():
+    with pytest.raises(ValueError, match="Invalid learning rate") as error:
+        build_optimizer(TinyDetector(), optimizer_block(lr=-1.0))
+    assert not isinstance(error.value, ConfigError)
+
+
 def test_group_summary_lists_each_group_with_its_size_and_lr():
     model = TinyDetector()
     groups = param_groups_from_config(model, optimizer_block())
@@ -184,3 +201,11 @@ def test_halving_the_batch_halves_lrs_and_doubles_warmups():
 def test_equal_batch_sizes_change_nothing():
     scaled, changes = scale_for_batch_size(d_fine_config(), 32, 32)
     assert scaled == d_fine_config() and changes == []
+
+
+def test_the_ema_restart_decay_is_scaled_in_its_new_home_and_a_config_comes_back_as_plain_dicts():
+    config = Config(d_fine_config() | {"ema": {"type": "ModelEMA", "decay": 0.9999, "restart_decay": 0.9999}})
+    scaled, changes = scale_for_batch_size(config, total_batch_size=64, reference_batch_size=32)
+    assert scaled["ema"]["restart_decay"] == pytest.approx(0.9998)
+    assert any(line.startswith("ema.restart_decay: 0.9999 -> 0.9998") for line in changes)
+    assert type(scaled) is dict and type(scaled["ema"]) is dict

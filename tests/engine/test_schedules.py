@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dfine.config.registry import ConfigError
+from dfine.config.registry import LR_SCHEDULERS, LR_WARMUPS, ConfigError
 from dfine.engine.schedules import FlatCosineLR, LinearWarmup, LRSchedule, MultiStepLR, build_lr_schedule
 
 
@@ -109,6 +109,21 @@ def test_unknown_scheduler_type_is_a_config_error_with_a_suggestion():
         build_lr_schedule(make_optimizer(0.1), {"type": "MultiStepLr", "milestones": [1]}, None, 1, 1)
     with pytest.raises(ConfigError, match="bad arguments"):
         build_lr_schedule(make_optimizer(0.1), {"type": "MultiStepLR", "milestone": [1]}, None, 1, 1)
+
+
+def test_schedules_are_looked_up_in_their_registries_so_a_warmup_is_no_lr_scheduler():
+    assert LR_SCHEDULERS.names == ["FlatCosineLR", "MultiStepLR"] and LR_WARMUPS.names == ["LinearWarmup"]
+    with pytest.raises(
+        ConfigError, match=r"unknown lr scheduler type 'LinearWarmup'.*FlatCosineLR, MultiStepLR"
+    ):
+        build_lr_schedule(make_optimizer(0.1), {"type": "LinearWarmup", "warmup_duration": 2}, None, 1, 1)
+    with pytest.raises(ConfigError, match=r"lr_warmup_scheduler: bad arguments for LinearWarmup.*missing"):
+        build_lr_schedule(make_optimizer(0.1), None, {"type": "LinearWarmup"}, 1, 1)
+
+
+def test_a_schedule_constructor_check_keeps_its_own_message():
+    with pytest.raises(ConfigError, match=r"lr_scheduler\.milestones must be increasing, got \[3, 1\]"):
+        build_lr_schedule(make_optimizer(0.1), {"type": "MultiStepLR", "milestones": [3, 1]}, None, 1, 1)
 
 
 @pytest.mark.original

@@ -14,17 +14,17 @@ from trainer_helpers import tiny_overrides
 
 from dfine.data.synthetic import ensure_quickstart
 
-# Builds the Trainer from a config file and overrides, trains, and saves each rank's final weights.
+# Builds the run from a config file and overrides, trains, and saves each rank's final weights.
 WORKER = """
 import sys, torch
 import dfine
+from dfine.engine.setup import build_training
 from dfine.engine.trainer import Trainer
 torch.set_num_threads(1)
-trainer = Trainer(dfine.load_config(sys.argv[1], sys.argv[3:]))
-trainer.fit()
-rank = trainer.context.rank
-torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.module.state_dict()},
-           f"{sys.argv[2]}/rank{rank}.pt")
+run = build_training(dfine.load_config(sys.argv[1], sys.argv[3:]))
+Trainer(run).fit()
+torch.save({"model": run.model.state_dict(), "ema": run.ema.module.state_dict()},
+           f"{sys.argv[2]}/rank{run.context.rank}.pt")
 """
 
 
@@ -85,16 +85,18 @@ def test_two_process_run_with_an_empty_batch_on_one_rank_ends_with_identical_wei
 LOSS_WORKER = """
 import json, os, sys, torch
 import dfine
+from dfine.engine.setup import build_training
 from dfine.engine.trainer import Trainer
 torch.set_num_threads(1)
-trainer = Trainer(dfine.load_config(sys.argv[1], sys.argv[3:]))
+run = build_training(dfine.load_config(sys.argv[1], sys.argv[3:]))
+trainer = Trainer(run)
 trainer.fit()
-if trainer.context.rank == 0:
-    torch.save({"ema": trainer.ema.module.state_dict()}, f"{sys.argv[2]}/weights.pt")
-    record = {"step_losses": trainer.step_losses, "epoch_losses": [r["loss"] for r in trainer.history]}
+if run.context.rank == 0:
+    torch.save({"ema": run.ema.module.state_dict()}, f"{sys.argv[2]}/weights.pt")
+    record = {"step_losses": run.state.step_losses, "epoch_losses": [r["loss"] for r in run.state.history]}
     (open(f"{sys.argv[2]}/losses.json", "w")).write(json.dumps(record))
 if os.environ.get("EVAL_WEIGHTS"):
-    trainer.ema.module.load_state_dict(torch.load(os.environ["EVAL_WEIGHTS"], weights_only=True)["ema"])
+    run.ema.module.load_state_dict(torch.load(os.environ["EVAL_WEIGHTS"], weights_only=True)["ema"])
     metrics = trainer.evaluate()
     (open(f"{sys.argv[2]}/metrics.json", "w")).write(json.dumps(metrics))
 
@@ -120,9 +122,9 @@ class Oracle(torch.nn.Module):
         return {"pred_logits": logits, "pred_boxes": boxes}
 
 from dfine.evaluation.loop import evaluate
-oracle = Oracle(trainer.val_loader.dataset)
-metrics = evaluate(oracle, trainer.postprocessor, trainer.val_loader, trainer.device)
-if trainer.context.rank == 0:
+oracle = Oracle(run.val_loader.dataset)
+metrics = evaluate(oracle, run.postprocessor, run.val_loader, run.device)
+if run.context.rank == 0:
     (open(f"{sys.argv[2]}/oracle.json", "w")).write(json.dumps(metrics))
 """
 

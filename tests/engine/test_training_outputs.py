@@ -16,6 +16,7 @@ from trainer_helpers import CONFIG, tiny_config
 import dfine
 from dfine.checkpoint import load_checkpoint
 from dfine.engine import reports as reports_module
+from dfine.engine.setup import build_training
 from dfine.engine.trainer import Trainer
 
 
@@ -23,9 +24,9 @@ from dfine.engine.trainer import Trainer
 def run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, Any]:
     """A 2-epoch run with every report on; its folder and the trainer's own history."""
     output_dir = tmp_path_factory.mktemp("run")
-    trainer = Trainer(tiny_config(output_dir, data_root))
+    trainer = Trainer(build_training(tiny_config(output_dir, data_root)))
     trainer.fit()
-    return {"dir": output_dir, "history": trainer.history, "best_ap": trainer.best_ap}
+    return {"dir": output_dir, "history": trainer.state.history, "best_ap": trainer.state.best_ap}
 
 
 def _scalars(summary_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -94,7 +95,7 @@ def test_without_matplotlib_the_run_finishes_and_says_what_it_skipped(
 
     monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="dfine"):
-        Trainer(tiny_config(tmp_path, data_root, epochs=1)).fit()
+        Trainer(build_training(tiny_config(tmp_path, data_root, epochs=1))).fit()
     assert not (tmp_path / "results.png").exists()
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "val_predictions.jpg").is_file()
     assert any(
@@ -116,35 +117,35 @@ def _scripted_ap(trainer: Trainer, values: list[float]) -> None:
 def test_patience_stops_after_that_many_evaluations_without_a_new_best(
     data_root: Path, tmp_path: Path
 ) -> None:
-    trainer = Trainer(tiny_config(tmp_path, data_root, "patience=2", epochs=8))
+    trainer = Trainer(build_training(tiny_config(tmp_path, data_root, "patience=2", epochs=8)))
     _scripted_ap(trainer, [0.1, 0.3, 0.2, 0.25, 0.9, 0.9, 0.9, 0.9])
     result = trainer.fit()
     # best at epoch 1; epochs 2 and 3 bring no gain -> stop after epoch 3 (epoch 4's 0.9 is never reached)
-    assert [r["epoch"] for r in trainer.history] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in trainer.state.history] == [0, 1, 2, 3]
     assert result["best_epoch"] == 1 and result["best_ap"] == pytest.approx(0.3)
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 4
 
 
 def test_without_patience_the_same_sequence_runs_every_epoch(data_root: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(tmp_path, data_root, epochs=5))
+    trainer = Trainer(build_training(tiny_config(tmp_path, data_root, epochs=5)))
     _scripted_ap(trainer, [0.1, 0.3, 0.2, 0.25, 0.9])
     assert trainer.fit()["best_epoch"] == 4
-    assert len(trainer.history) == 5
+    assert len(trainer.state.history) == 5
 
 
 def test_ctrl_c_saves_last_pth_with_the_weights_so_far_and_resume_redoes_that_epoch(
     data_root: Path, tmp_path: Path
 ) -> None:
     cfg = tiny_config(tmp_path, data_root, epochs=3)
-    trainer = Trainer(cfg)
-    real_step = trainer.train_step
+    trainer = Trainer(build_training(cfg))
+    real_backward = trainer.step.backward
 
-    def interrupting_step(images, targets, index, sync=True):  # type: ignore[no-untyped-def]
-        if trainer.epoch == 1 and index == 1:
+    def interrupting_backward(images, targets, index, sync=True):  # type: ignore[no-untyped-def]
+        if trainer.state.epoch == 1 and index == 1:
             raise KeyboardInterrupt
-        return real_step(images, targets, index, sync=sync)
+        return real_backward(images, targets, index, sync=sync)
 
-    trainer.train_step = interrupting_step  # type: ignore[method-assign]
+    trainer.step.backward = interrupting_backward  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     saved = load_checkpoint(tmp_path / "last.pth")
@@ -152,18 +153,19 @@ def test_ctrl_c_saves_last_pth_with_the_weights_so_far_and_resume_redoes_that_ep
     assert saved["epoch"] == 1 and saved["interrupted"] == {"epoch": 1, "global_step": 3}
     assert saved["global_step"] == 2
     assert saved["lr_schedule"]["global_step"] == 2, "the schedule must rewind to the epoch's start"
-    for key, value in trainer.model.state_dict().items():
+    for key, value in trainer.run.model.state_dict().items():
         assert torch.equal(saved["model"][key], value), key
     # a line the checkpoint never saw (as from a crash after writing it): the resumed run must drop it
     with (tmp_path / "metrics.jsonl").open("a") as file:
         file.write(json.dumps({"epoch": 1, "stale": True}) + "\n")
 
-    resumed = Trainer(cfg, resume="auto")
-    assert resumed.epoch == 1 and resumed.global_step == 2
-    assert resumed.lr_schedule.global_step == 2
+    resumed = Trainer(build_training(cfg, resume="auto"))
+    assert resumed.state.epoch == 1 and resumed.state.global_step == 2
+    assert resumed.run.lr_schedule.global_step == 2
     resumed.fit()
-    assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
-    assert resumed.global_step == resumed.lr_schedule.global_step == 6  # each epoch's steps exactly once
+    assert [r["epoch"] for r in resumed.state.history] == [0, 1, 2]
+    # each epoch's steps exactly once
+    assert resumed.state.global_step == resumed.run.lr_schedule.global_step == 6
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1, 2]
     assert not any("stale" in line for line in lines)
@@ -208,7 +210,7 @@ def test_validation_pictures_draw_ground_truth_and_detections(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tiny_config(tmp_path, data_root, epochs=1)
-    trainer = Trainer(cfg)
+    run = build_training(cfg)
     drawn: list[dict[str, Any]] = []
     real_draw = __import__("dfine.inference.drawing", fromlist=["draw_detections"]).draw_detections
 
@@ -217,9 +219,9 @@ def test_validation_pictures_draw_ground_truth_and_detections(
         return real_draw(image, boxes, labels, scores, class_names, ground_truth=ground_truth)
 
     monkeypatch.setattr("dfine.inference.drawing.draw_detections", recording_draw)
-    dataset = trainer.val_loader.dataset
+    dataset = run.val_loader.dataset
     pictures = reports_module.validation_pictures(
-        trainer.model, trainer.postprocessor, dataset, [0, 1], trainer.device, ["a", "b", "c", "d"], 0.0
+        run.model, run.postprocessor, dataset, [0, 1], run.device, ["a", "b", "c", "d"], 0.0
     )
     assert len(pictures) == 2 and pictures[0].dtype == torch.uint8
     assert len(drawn) == 2, "every picture goes through draw_detections"

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from dfine.evaluation.coco_evaluator import METRIC_NAMES, CocoEvaluator, score_results_file
+import dfine
+from dfine.config.registry import ConfigError
+from dfine.evaluation.coco_evaluator import (
+    METRIC_NAMES,
+    CocoEvaluator,
+    build_evaluator,
+    check_result_ids,
+    score_results_file,
+)
 
 
 def ground_truth(boxes_per_image: dict[int, list[tuple[list[float], int]]], categories=(1,)) -> dict:
@@ -147,6 +155,30 @@ def test_contiguous_labels_instead_of_category_ids_are_reported():
         evaluator.summarize()
 
 
+def test_result_ids_unknown_to_the_ground_truth_are_named():
+    check_result_ids(
+        np.array([1, 2, 2]), np.array([90, 1]), known_image_ids=[1, 2, 3], known_category_ids=[1, 90]
+    )
+    with pytest.raises(ValueError, match=r"1 image ids are not in the annotation file, e.g. \[42\]"):
+        check_result_ids(np.array([1, 42]), np.array([1, 1]), [1, 2], [1])
+    with pytest.raises(ValueError, match=r"predicted category ids \[0, 7\] .*its ids: \[1, 90\]"):
+        check_result_ids(np.array([1, 1, 1]), np.array([7.0, 0.0, 90.0]), [1], [90, 1])
+
+
+def test_missing_or_malformed_json_files_are_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"annotation file not found: .*gt\.json"):
+        CocoEvaluator(tmp_path / "gt.json")
+    (tmp_path / "gt.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"gt\.json: not valid JSON"):
+        CocoEvaluator(tmp_path / "gt.json")
+    gt = ground_truth({1: [([10, 20, 30, 40], 1)]})
+    with pytest.raises(FileNotFoundError, match=r"results file not found: .*results\.json"):
+        score_results_file(tmp_path / "results.json", gt)
+    (tmp_path / "results.json").write_text("[{]")
+    with pytest.raises(ConfigError, match=r"results\.json: not valid JSON"):
+        score_results_file(tmp_path / "results.json", gt)
+
+
 def test_empty_predictions_give_zero_ap_without_crashing():
     gt = ground_truth({1: [([10, 20, 30, 40], 1)]})
     evaluator = CocoEvaluator(gt)
@@ -176,3 +208,22 @@ def test_external_results_file_is_scored_with_the_same_code(tmp_path: Path):
     external = score_results_file(results_path, annotations_path)
     assert external.metrics == pytest.approx(metrics)
     assert "class5" in external.per_class_table()
+
+
+def test_the_evaluator_block_is_built_with_its_arguments() -> None:
+    gt = ground_truth({1: [([10, 10, 50, 40], 1)]})
+    evaluator = build_evaluator({"type": "CocoEvaluator", "iou_types": ["bbox"], "max_detections": 7}, gt)
+    assert isinstance(evaluator, CocoEvaluator) and evaluator.max_detections == 7
+    assert build_evaluator(None, gt).max_detections == 100
+    with pytest.raises(ConfigError, match=r"evaluator.*only \[bbox\].*\['segm'\]"):
+        build_evaluator({"type": "CocoEvaluator", "iou_types": ["segm"]}, gt)
+
+
+def test_a_misspelt_evaluator_argument_fails_when_the_config_is_loaded() -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yml"
+    with pytest.raises(
+        ConfigError, match=r"evaluator\.iou_type is not an argument of CocoEvaluator.*iou_types"
+    ):
+        dfine.load_config(config, ["evaluator.iou_type=[bbox]"])
+    with pytest.raises(ConfigError, match=r"unknown evaluator type 'LvisEvaluator'.*CocoEvaluator"):
+        dfine.load_config(config, ["evaluator.type=LvisEvaluator"])

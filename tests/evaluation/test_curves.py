@@ -186,6 +186,29 @@ def test_unknown_category_or_image_in_results_raises_naming_it(two_images):
         detection_curves(gt, results, iou_threshold=0.0)
 
 
+def test_inputs_are_left_as_they_were(two_images):
+    gt, results = two_images
+    gt["annotations"].append({"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 99, 99], "iscrowd": 1})
+    before = copy.deepcopy((gt, results))
+    detection_curves(gt, results)
+    assert (gt, results) == before  # faster-coco-eval writes into the annotations it is handed
+
+
+def test_inverted_detection_is_a_false_positive_not_ignored():
+    # COCO's area ranges would ignore a box of negative area; the curves count every detection.
+    gt = ground_truth({1: [([0, 0, 10, 10], 1)]})
+    curves = detection_curves(gt, [result(1, [0, 0, 10, 10], 0.9), result(1, [50, 50, -5, 10], 0.8)])
+    np.testing.assert_allclose(curves.precision[0, at(curves, 0.0)], 0.5)
+
+
+def test_every_detection_counts_even_past_cocos_100_per_image():
+    gt = ground_truth({1: [([0, 0, 10, 10], 1)]})
+    misses = [result(1, [100 + i, 100, 10, 10], 0.9 - i * 0.001) for i in range(150)]
+    curves = detection_curves(gt, [*misses, result(1, [0, 0, 10, 10], 0.5)])  # the hit ranks 151st
+    index = at(curves, 0.0)
+    np.testing.assert_allclose([curves.recall[0, index], curves.precision[0, index]], [1.0, 1 / 151])
+
+
 def random_case(seed: int = 0) -> tuple[dict, list[dict]]:
     """Jittered copies of ground truth (some too far off to match), random boxes, one crowd box."""
     rng = np.random.default_rng(seed)

@@ -111,6 +111,5 @@ def test_encoder_channels_that_do_not_fit_the_backbone_are_reported() -> None:
 
 
 def test_num_classes_inside_a_block_is_rejected_in_favour_of_the_top_level() -> None:
-    cfg = config("n", "model.decoder.num_classes=5")
-    with pytest.raises(ConfigError, match="set once at the top level"):
-        dfine.build_model(cfg)
+    with pytest.raises(ConfigError, match="set once at the top level"):  # now already when loading
+        dfine.build_model(config("n", "model.decoder.num_classes=5"))

@@ -44,6 +44,20 @@ def test_coco_remap_uses_the_official_ids() -> None:
     assert result["labels"].tolist() == [90]
 
 
+def test_coco_ids_from_torchvision_equal_the_table_written_out_before() -> None:
+    # The ids used to be written out by hand; torchvision's COCO table must give exactly these.
+    written_out = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70)
+    assert (*written_out, *range(72, 83), *range(84, 91)) == COCO80_TO_COCO91
+
+
+def test_inverted_boxes_stay_inverted_as_in_the_original() -> None:
+    # Not clamped (unlike the losses' conversion): COCO evaluation ignores a box of negative area.
+    post = DFINEPostProcessor(num_classes=3, num_top_queries=1)
+    inverted = torch.tensor([[[0.5, 0.5, -0.2, 0.4], [0.5, 0.5, 0.2, 0.4]]])
+    (result,) = post({"pred_logits": LOGITS, "pred_boxes": inverted}, SIZE)
+    assert_close(result["boxes"], torch.tensor([[120.0, 30.0, 80.0, 70.0]]))
+
+
 def test_deploy_mode_returns_batched_tensors_equal_to_the_per_image_results() -> None:
     logits, boxes = torch.cat((LOGITS, LOGITS.flip(1))), torch.cat((BOXES, BOXES.flip(1)))
     sizes = torch.tensor([[200, 100], [50, 60]])

@@ -1,4 +1,4 @@
-"""YAML composition, overrides and the errors a user sees for a bad config."""
+"""YAML composition (``__include__``, merge), ``-u`` overrides, sources, dumps and ``plain``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 
 import dfine
 from dfine.config import Config, dump_config, load_config, parse_override
-from dfine.config.registry import MODELS, ConfigError, Registry
+from dfine.config.loading import plain
+from dfine.config.registry import MODELS, ConfigError
 
 
 def write(path: Path, text: str) -> Path:
@@ -90,76 +91,20 @@ def test_circular_include_is_reported(tmp_path: Path) -> None:
         load_config(tmp_path / "a.yml")
 
 
-def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
-    exp = write(tmp_path / "exp.yml", "epoch: 3\n")
-    with pytest.raises(
-        ConfigError, match=r"exp\.yml: epoch is not a known setting\. Did you mean 'epochs'\?"
-    ):
-        load_config(exp)
-
-
-def test_wrong_value_type_names_the_key_and_shows_a_valid_value(tmp_path: Path) -> None:
-    exp = write(tmp_path / "exp.yml", "epochs: ten\n")
-    with pytest.raises(ConfigError, match=r"exp\.yml: epochs must be an integer, got 'ten'.*-u epochs=72"):
-        load_config(exp)
-
-
-def test_bool_is_not_accepted_where_a_number_is_expected(tmp_path: Path) -> None:
-    exp = write(tmp_path / "exp.yml", "clip_max_norm: true\n")
-    with pytest.raises(ConfigError, match="clip_max_norm must be"):
-        load_config(exp)
-
-
-def test_unknown_model_type_lists_registered_names(tmp_path: Path) -> None:
-    exp = write(tmp_path / "exp.yml", "model: {type: DFNE}\n")
-    with pytest.raises(
-        ConfigError, match=r"exp\.yml: model: unknown model type 'DFNE'\. Did you mean 'DFINE'\?"
-    ):
-        load_config(exp)
-
-
-def test_unknown_argument_names_file_key_path_and_suggestion(tmp_path: Path) -> None:
-    base = write(
-        tmp_path / "inc" / "model.yml", "model:\n  type: DFINE\n  decoder: {type: DFINETransformer}\n"
-    )
-    exp = write(tmp_path / "exp.yml", f"__include__: [{base}]\nmodel:\n  decoder:\n    num_querys: 10\n")
-    with pytest.raises(ConfigError) as error:
-        load_config(exp)
-    message = str(error.value)
-    assert "exp.yml: model.decoder.num_querys is not an argument of DFINETransformer" in message
-    assert "Did you mean 'num_queries' (default 300)?" in message
-
-
-def test_registry_rejects_a_duplicate_name_naming_the_owner() -> None:
-    registry = Registry("thing")
-
-    @registry.register()
-    class Widget:
-        pass
-
-    with pytest.raises(KeyError, match=r"already registered in the thing registry by .*test_config"):
-        registry.register("Widget")(type("Other", (), {}))
-
-
-def test_registry_build_passes_block_and_builder_values() -> None:
-    registry = Registry("thing")
-
-    @registry.register()
-    class Box:
-        def __init__(self, width: int = 1, num_classes: int = 0) -> None:
-            self.width, self.num_classes = width, num_classes
-
-    built = registry.build({"type": "Box", "width": 5}, "cfg: box", num_classes=3)
-    assert (built.width, built.num_classes) == (5, 3)
-    with pytest.raises(ConfigError, match="set once at the top level"):
-        registry.build({"type": "Box", "num_classes": 4}, "cfg: box", num_classes=3)
-
-
 def test_dumped_config_loads_back_equal(layered: Path, tmp_path: Path) -> None:
     cfg = load_config(layered, validate=False)
     out = tmp_path / "resolved.yml"
     dump_config(cfg, out)
     assert load_config(out, validate=False) == cfg
+
+
+def test_plain_is_a_deep_copy_made_of_dicts_and_lists() -> None:
+    inner = {"betas": (0.9, 0.999), "params": [{"lr": 1.0}]}
+    cfg = Config({"optimizer": inner}, {"optimizer": "exp.yml"})
+    copied = plain(cfg)
+    assert type(copied) is dict and copied == {"optimizer": {"betas": [0.9, 0.999], "params": [{"lr": 1.0}]}}
+    copied["optimizer"]["params"][0]["lr"] = 2.0
+    assert inner["params"][0]["lr"] == 1.0
 
 
 def test_public_api_is_exported() -> None:
