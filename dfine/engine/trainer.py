@@ -23,6 +23,7 @@ from dfine.engine.health import zero_ap_warning
 from dfine.engine.reports import EvalReport
 from dfine.engine.run_log import EpochProgress, RunLog, format_epoch_record, peak_memory_mb
 from dfine.engine.run_state import seed_everything
+from dfine.evaluation.loop import evaluate
 
 if TYPE_CHECKING:
     from dfine.engine.setup import TrainingRun
@@ -162,10 +163,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """COCO metrics of :attr:`eval_model` on the validation set (written to ``output_dir/eval.json``)."""
-        from dfine.evaluation.loop import evaluate
-
         run = self.run
-        metrics = evaluate(self.eval_model, run.postprocessor, run.val_loader, run.device, self.run.evaluator)
+        metrics = evaluate(self.eval_model, run.postprocessor, run.val_loader, run.device, run.evaluator)
         if run.context.is_main:
             (run.output_dir / "eval.json").write_text(
                 json.dumps({"epoch": self.state.epoch - 1, **metrics}, indent=2)
@@ -189,7 +188,7 @@ class Trainer:
         return self.report.after_evaluation(
             epoch,
             self.state.history,
-            self.run.evaluator,
+            run.evaluator,
             self.eval_model,
             run.postprocessor,
             run.val_loader.dataset,

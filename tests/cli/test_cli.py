@@ -137,3 +137,26 @@ def test_resume_from_a_weights_only_file_exits_with_code_2_suggesting_tune(
     code = train_cli.main(arguments)
     assert code == 2
     assert f"-t {weights}" in capsys.readouterr().err
+
+
+def test_a_bug_inside_a_constructor_leaves_dfine_train_with_its_traceback_not_a_config_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dfine.config.registry import MODELS
+
+    class BrokenPostProcessor:
+        def __init__(self, num_classes: int, use_focal_loss: bool, remap_mscoco_category: bool) -> None:
+            self.scores = [1.0] * num_classes
+            _ = self.scores[num_classes]  # the bug: an IndexError, not a mistake in the config
+
+    MODELS.register("BrokenPostProcessorForTest")(BrokenPostProcessor)
+    try:
+        overrides = tiny_overrides(tmp_path / "run", tmp_path / "data", epochs=1)
+        arguments = ["-c", str(CONFIG), "-u", *overrides, "postprocessor={type: BrokenPostProcessorForTest}"]
+        with pytest.raises(IndexError) as error:
+            train_cli.main(arguments)
+    finally:
+        del MODELS._entries["BrokenPostProcessorForTest"]
+    frames = [entry.name for entry in error.traceback]
+    assert "__init__" in frames, "the constructor's frame must be in the traceback"
+    assert "error:" not in capsys.readouterr().err, "a bug must not be reported as a user mistake"
