@@ -29,7 +29,7 @@ from dfine.config.registry import (
     Registry,
     did_you_mean,
 )
-from dfine.config.stage_two import resolve_stage_two
+from dfine.config.stage_two import check_stage_two
 
 if TYPE_CHECKING:  # loading imports this module to validate what it loads
     from dfine.config.loading import Config
@@ -219,4 +219,4 @@ def validate_config(cfg: Config) -> None:
             spec.registry.check_block(
                 block, cfg.where(path), provided=spec.provided, locate=locate, nested=spec.nested
             )
-    resolve_stage_two(cfg)
+    check_stage_two(cfg)

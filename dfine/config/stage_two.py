@@ -7,8 +7,8 @@ are reloaded and the EMA restarts. The original configs write its epoch twice,
 when both are set. The EMA decay after the restart belongs in the ema block (``ema.restart_decay``, a
 ``ModelEMA`` argument); the original's ``train_dataloader.collate_fn.ema_restart_decay`` is still read.
 
-:func:`resolve_stage_two` is the one reader of these keys; :func:`dfine.config.validate_config` calls it, so a
-config whose places disagree fails when it is loaded.
+:func:`resolve_stage_two` is the one reader of these keys; :func:`dfine.config.validate_config` runs its
+checks (:func:`check_stage_two`), so a config whose places disagree fails when it is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from typing import Any
 
 from dfine.config.registry import ConfigError
 
-__all__ = ["EPOCH_KEYS", "OLD_RESTART_DECAY_KEY", "RESTART_DECAY_KEY", "StageTwo", "resolve_stage_two"]
+__all__ = [
+    "EPOCH_KEYS",
+    "OLD_RESTART_DECAY_KEY",
+    "RESTART_DECAY_KEY",
+    "StageTwo",
+    "check_stage_two",
+    "resolve_stage_two",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +107,18 @@ def _ema_restart_decay(cfg: Mapping[str, Any]) -> float | None:
             f"{_where(cfg, OLD_RESTART_DECAY_KEY)} = {found[OLD_RESTART_DECAY_KEY]}; "
             f"keep {RESTART_DECAY_KEY} and remove the other."
         )
-    if RESTART_DECAY_KEY not in found and OLD_RESTART_DECAY_KEY in found:
-        logger.info(
-            "%s: the EMA restart decay now belongs in %s (a ModelEMA argument); using %g from here",
-            _where(cfg, OLD_RESTART_DECAY_KEY),
-            RESTART_DECAY_KEY,
-            found[OLD_RESTART_DECAY_KEY],
-        )
     value = next(iter(found.values()), None)
     return None if value is None else float(value)
+
+
+def check_stage_two(cfg: Mapping[str, Any]) -> None:
+    """Raise what :func:`resolve_stage_two` would raise, and say nothing else (config validation).
+
+    Raises:
+        ConfigError: as :func:`resolve_stage_two`.
+    """
+    _epoch(cfg)
+    _ema_restart_decay(cfg)
 
 
 def resolve_stage_two(cfg: Mapping[str, Any]) -> StageTwo:
@@ -125,4 +135,13 @@ def resolve_stage_two(cfg: Mapping[str, Any]) -> StageTwo:
         ConfigError: the places of one setting disagree (every key is named with its value and file), or a
             value has the wrong type or range.
     """
-    return StageTwo(epoch=_epoch(cfg), ema_restart_decay=_ema_restart_decay(cfg))
+    stage_two = StageTwo(epoch=_epoch(cfg), ema_restart_decay=_ema_restart_decay(cfg))
+    if _get(cfg, RESTART_DECAY_KEY) is None and _get(cfg, OLD_RESTART_DECAY_KEY) is not None:
+        # said where the value is used (once per run), not at every load of the config
+        logger.info(
+            "%s: the EMA restart decay now belongs in %s (a ModelEMA argument); using %g from here",
+            _where(cfg, OLD_RESTART_DECAY_KEY),
+            RESTART_DECAY_KEY,
+            stage_two.ema_restart_decay,
+        )
+    return stage_two

@@ -166,15 +166,16 @@ class ModelEMA:
         return f"ModelEMA({settings})"
 
 
-def build_ema(block: Mapping[str, Any] | None, model: nn.Module) -> ModelEMA:
+def build_ema(block: Mapping[str, Any] | None, model: nn.Module, where: str = "ema") -> ModelEMA:
     """Build the config's ``ema`` block (``{type: ModelEMA, decay, warmups, start, restart_decay}``).
 
     Args:
         block: the ``ema`` block; ``None`` or empty gives ``ModelEMA`` with its defaults.
         model: the model to average (after it is on its device); handed over by the builder, never set in the
             block.
+        where: ``file: ema`` for messages.
 
     Raises:
         ConfigError: an unknown type (listing the registered ones) or argument, or a bad value.
     """
-    return build_block("ema", block or {"type": "ModelEMA"}, "ema", model=model)
+    return build_block("ema", block or {"type": "ModelEMA"}, where, model=model)

@@ -235,15 +235,13 @@ class LRSchedule:
 
 def _build(key: str, block: Mapping[str, Any]) -> Any:
     """Build the ``lr_scheduler`` / ``lr_warmup_scheduler`` block through its registry (``schema.BLOCKS``)."""
-    registry = block_spec(key).registry
     try:
-        registry.check_block(block, key)
+        return build_block(key, block, key)
     except ConfigError as error:
         name = block.get("type") if isinstance(block, Mapping) else None
-        if isinstance(name, str) and name in registry:
-            raise ConfigError(f"{key}: bad arguments for {name}: {error}") from None
+        if isinstance(name, str) and name in block_spec(key).registry:
+            raise ConfigError(f"{key}: bad arguments for {name}: {error}") from error
         raise  # no or an unknown type: the registry's message lists the registered names
-    return build_block(key, block, key)
 
 
 def build_lr_schedule(

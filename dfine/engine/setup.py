@@ -145,7 +145,7 @@ def build_training(
     frozen = freeze_parameters(model, cfg)  # before the optimizer, which only takes trainable parameters
     model, train_model = wrap_for_distributed(model, cfg, context)
     optimizer, lr_schedule = _build_optimization(model, cfg, len(train_loader), epochs)
-    ema = build_ema(cfg.get("ema"), model) if cfg.get("use_ema") else None
+    ema = build_ema(cfg.get("ema"), model, cfg.where("ema")) if cfg.get("use_ema") else None
     state = RunState(seed=seed)
     step = _build_step(  # precision (choose_precision), accumulation, clipping, DDP graph anchors
         cfg, context, output_dir, state, model, train_model, criterion, optimizer, lr_schedule, ema

@@ -33,14 +33,13 @@ from dfine.config import Config
 from dfine.config.build import build_model, build_postprocessor
 from dfine.config.registry import DATASETS, ConfigError
 from dfine.data.base import finalize_sample
-from dfine.data.coco_names import COCO_NAMES
 from dfine.data.compose import build_transforms
 from dfine.data.image_io import load_image
 from dfine.data.label_map import LabelMap
 from dfine.data.synthetic import QUICKSTART_CLASSES
 from dfine.data.transforms import original_frame_size
 from dfine.evaluation.loop import predict_batch
-from dfine.models.postprocessor import COCO80_TO_COCO91
+from dfine.models.coco_categories import COCO80_TO_COCO91, COCO_NAMES
 
 __all__ = ["ClassTable", "PredictInputError", "Prediction", "Predictor", "resolve_class_table"]
 

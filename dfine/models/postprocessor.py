@@ -8,21 +8,12 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 from torchvision.ops import box_convert
 
 from dfine.config.registry import MODELS, ConfigError
+from dfine.models.coco_categories import COCO80_TO_COCO91
 
 __all__ = ["COCO80_TO_COCO91", "DFINEPostProcessor", "Detections"]
-
-# COCO's 80 used categories in their contiguous order -> the official ids 1..90. torchvision's COCO table
-# lists the names by official id: '__background__' at 0 and 'N/A' at the 10 ids COCO never used.
-# dfine.data.coco_names.COCO_NAMES reads the names from the same table, so both line up by construction.
-COCO80_TO_COCO91: tuple[int, ...] = tuple(
-    category_id
-    for category_id, name in enumerate(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
-    if name not in ("__background__", "N/A")
-)
 
 
 class Detections(TypedDict):

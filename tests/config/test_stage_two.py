@@ -124,3 +124,13 @@ def test_a_plain_mapping_resolves_too() -> None:
 
 def test_the_quickstart_keeps_its_stage_two_at_epoch_4_with_decay_099() -> None:
     assert resolve_stage_two(load_config(CONFIGS / "quickstart.yml")) == StageTwo(4, 0.99)
+
+
+def test_the_note_on_the_old_restart_decay_place_comes_once_when_used_not_at_every_load(
+    tmp_path, caplog
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dfine.config.stage_two"):
+        cfg = load_config(stage_config(tmp_path, old_restart_decay=0.998))
+        assert "now belongs" not in caplog.text, "loading (dfine-eval, dfine-predict) must not repeat it"
+        resolve_stage_two(cfg)
+    assert caplog.text.count("now belongs") == 1

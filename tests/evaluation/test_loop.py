@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from dfine.data.coco_names import COCO_NAMES
 from dfine.data.label_map import LabelMap
 from dfine.evaluation.loop import evaluate
+from dfine.models.coco_categories import COCO_NAMES
 from dfine.models.postprocessor import COCO80_TO_COCO91, DFINEPostProcessor
 
 SIZE = 64

@@ -16,12 +16,11 @@ import dfine
 from dfine.checkpoint import load_weights_strict
 from dfine.cli import predict as predict_cli
 from dfine.data import build_dataloader, original_frame_size
-from dfine.data.coco_names import COCO_NAMES
 from dfine.data.synthetic import generate_split
 from dfine.evaluation.loop import predict_batch
 from dfine.inference.drawing import draw_detections
 from dfine.inference.predictor import resolve_class_table
-from dfine.models.postprocessor import COCO80_TO_COCO91
+from dfine.models.coco_categories import COCO80_TO_COCO91, COCO_NAMES
 
 NAMES = ["alpha", "beta", "gamma", "delta"]
 CATEGORY_IDS = [3, 5, 7, 9]  # not 1..4, so a label printed as its own id would show

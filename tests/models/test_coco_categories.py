@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
-from dfine.data.coco_names import COCO_NAMES
-from dfine.models.postprocessor import COCO80_TO_COCO91
+from dfine.models.coco_categories import COCO80_TO_COCO91, COCO_NAMES
 
 # The names as they were written out by hand before they came from torchvision.
 WRITTEN_OUT = (
