@@ -64,6 +64,9 @@ class AnnotationTable:
         iscrowd: bool [A].
         areas: float32 [A] the file's ``area`` (COCO: the segment's area), box area where it gives none.
         annotation_ids: int64 [A].
+        cache_path: the annotation cache the arrays are memory-mapped from (`dfine.data.annotation_cache`), or
+            None for arrays in memory. A mapped table pickles as this path, so spawned loader workers map
+            the same pages instead of receiving a copy.
     """
 
     image_ids: np.ndarray
@@ -75,6 +78,14 @@ class AnnotationTable:
     iscrowd: np.ndarray
     areas: np.ndarray
     annotation_ids: np.ndarray
+    cache_path: str | None = None
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self.cache_path is None:
+            return super().__reduce_ex__(protocol)
+        from dfine.data.annotation_cache import map_cached  # that module imports this one
+
+        return map_cached, (self.cache_path,)
 
     @classmethod
     def from_lists(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dfine.config.registry import DATASETS, ConfigError
+from dfine.data.annotation_cache import cache_key, cached_table
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.label_map import LabelMap
 
@@ -51,38 +52,42 @@ class VOCDetection(DetectionDataset):
             line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()
         ]
         label_map = LabelMap.from_names(names, source=str(labels_path))
-        category_of = {name: index for index, name in enumerate(names)}
-
-        images, rows = [], []
-        unknown: set[str] = set()
-        next_annotation_id = 0
         pairs = [line.split() for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for index, pair in enumerate(pairs):
             if len(pair) != 2:
                 raise ConfigError(
                     f"{list_path}:{index + 1}: expected 'image_path xml_path', got {' '.join(pair)!r}."
                 )
-            width, height, objects = parse_voc_xml(root_path / pair[1])
-            per_image = []
-            for name, (x1, y1, x2, y2) in objects:
-                if name not in category_of:
-                    unknown.add(name)
-                box = (x1, y1, x2 - x1, y2 - y1)
-                per_image.append(
-                    (*box, category_of.get(name, -1), False, box[2] * box[3], next_annotation_id)
-                )
-                next_annotation_id += 1
-            images.append((index, pair[0], width, height))
-            rows.append(per_image)
-        if unknown:
+        key = cache_key([list_path, labels_path, *(root_path / pair[1] for pair in pairs)], "voc")
+        table, meta = cached_table(list_path, key, lambda: _scan(root_path, pairs, names))
+        if meta["unknown"]:
             logger.warning(
                 "%s: object names not in %s: %s (those boxes are dropped).",
                 list_path,
                 label_file,
-                sorted(unknown),
+                meta["unknown"],
             )
-        table = AnnotationTable.from_lists(images, rows)
         self._setup(table, label_map, root_path, str(list_path), transforms, num_classes)
+
+
+def _scan(root: Path, pairs: list[list[str]], names: list[str]) -> tuple[AnnotationTable, dict[str, Any]]:
+    """Read every XML file (the slow part the annotation cache keeps)."""
+    category_of = {name: index for index, name in enumerate(names)}
+    images, rows = [], []
+    unknown: set[str] = set()
+    next_annotation_id = 0
+    for index, pair in enumerate(pairs):
+        width, height, objects = parse_voc_xml(root / pair[1])
+        per_image = []
+        for name, (x1, y1, x2, y2) in objects:
+            if name not in category_of:
+                unknown.add(name)
+            box = (x1, y1, x2 - x1, y2 - y1)
+            per_image.append((*box, category_of.get(name, -1), False, box[2] * box[3], next_annotation_id))
+            next_annotation_id += 1
+        images.append((index, pair[0], width, height))
+        rows.append(per_image)
+    return AnnotationTable.from_lists(images, rows), {"unknown": sorted(unknown)}
 
 
 def parse_voc_xml(path: Path) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float]]]]:

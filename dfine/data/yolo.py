@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from dfine.config.registry import DATASETS, ConfigError
+from dfine.data.annotation_cache import cache_key, cached_table
 from dfine.data.base import AnnotationTable, DetectionDataset
 from dfine.data.image_io import try_read_image_size
 from dfine.data.label_map import LabelMap
@@ -62,25 +63,34 @@ class YoloDetection(DetectionDataset):
         )
         if not files:
             raise ConfigError(f"img_folder {image_root} has no images ({', '.join(IMAGE_SUFFIXES)}).")
-        with ThreadPoolExecutor(max_workers=8) as pool:  # normalised coordinates refer to the upright size
-            sizes = list(pool.map(try_read_image_size, [image_root / f for f in files], chunksize=64))
-        images, rows = [], []
-        next_annotation_id = 0
-        for index, (relative, size) in enumerate(zip(files, sizes, strict=True)):
-            objects = _read_label_file((self.label_folder / relative).with_suffix(".txt"))
-            width, height = size if size is not None else (0, 0)
-            per_image = []
-            for class_id, cx, cy, w, h in objects:
-                box = ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)
-                per_image.append((*box, class_id, False, box[2] * box[3], next_annotation_id))
-                next_annotation_id += 1
-            images.append((index, str(relative), *(size if size is not None else (-1, -1))))
-            rows.append(per_image)
-        table = AnnotationTable.from_lists(images, rows)
+        label_files = [(self.label_folder / relative).with_suffix(".txt") for relative in files]
+        key = cache_key([*(image_root / f for f in files), *label_files], "yolo")
+        table, _ = cached_table(self.label_folder, key, lambda: _scan(image_root, files, label_files))
         label_map = LabelMap.from_names(
             class_names, source=str(names) if isinstance(names, str) else str(image_root)
         )
         self._setup(table, label_map, image_root, str(image_root), transforms, num_classes)
+
+
+def _scan(
+    image_root: Path, files: list[Path], label_files: list[Path]
+) -> tuple[AnnotationTable, dict[str, Any]]:
+    """Read every label file and image size (the slow part the annotation cache keeps)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:  # normalised coordinates refer to the upright size
+        sizes = list(pool.map(try_read_image_size, [image_root / f for f in files], chunksize=64))
+    images, rows = [], []
+    next_annotation_id = 0
+    for index, (relative, size, label_file) in enumerate(zip(files, sizes, label_files, strict=True)):
+        objects = _read_label_file(label_file)
+        width, height = size if size is not None else (0, 0)
+        per_image = []
+        for class_id, cx, cy, w, h in objects:
+            box = ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)
+            per_image.append((*box, class_id, False, box[2] * box[3], next_annotation_id))
+            next_annotation_id += 1
+        images.append((index, str(relative), *(size if size is not None else (-1, -1))))
+        rows.append(per_image)
+    return AnnotationTable.from_lists(images, rows), {}
 
 
 def read_names(names: Sequence[str] | str | os.PathLike) -> list[str]:
