@@ -87,12 +87,14 @@ def stream_coco(ann_file: str) -> tuple[AnnotationTable, dict[str, Any]]:
             f"{ann_file}: {orphans} annotations refer to image ids that are not in 'images' (e.g. annotation "
             f"{_examples(annotation_ids, ~known)}); skipped."
         )
-    if malformed:
+    malformed_rows, examples = malformed
+    if len(malformed_rows):
         warnings.append(
-            f"{ann_file}: {len(malformed)} annotations have a bbox that is not 4 numbers (e.g. "
-            f"{'; '.join(malformed[:_EXAMPLES])}); not trained on (--check-data lists them as degenerate)."
+            f"{ann_file}: {len(malformed_rows)} annotations have a bbox that is not 4 numbers (e.g. "
+            f"{'; '.join(examples)}); not trained on (--check-data lists them as degenerate)."
         )
     degenerate = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+    degenerate[malformed_rows] = False  # reported above
     if degenerate.any():
         warnings.append(
             f"{ann_file}: {int(degenerate.sum())} boxes have zero or negative width/height (e.g. annotation "
@@ -161,7 +163,7 @@ def _read_annotations(ann_file: str) -> tuple[Any, ...]:
     """Typed columns of all annotations (8-byte ints, 4-byte floats: about 45 bytes per box while reading)."""
     owner, categories, ids = array("q"), array("q"), array("q")
     boxes, areas, crowd = array("f"), array("d"), array("b")
-    malformed: list[str] = []
+    malformed, examples = array("q"), []
     for index, annotation in enumerate(_items(ann_file, "annotations.item")):
         try:
             owner.append(annotation["image_id"])
@@ -185,7 +187,9 @@ def _read_annotations(ann_file: str) -> tuple[Any, ...]:
         except (TypeError, ValueError):
             if len(boxes) % 4:  # a non-number stopped extend midway
                 del boxes[len(boxes) - len(boxes) % 4 :]
-            malformed.append(f"annotation {annotation.get('id', index)}: bbox {bbox!r}")
+            malformed.append(index)
+            if len(malformed) <= _EXAMPLES:
+                examples.append(f"annotation {annotation.get('id', index)}: bbox {bbox!r}")
             boxes.extend((0.0, 0.0, 0.0, 0.0))
         area = annotation.get("area")
         areas.append(area if isinstance(area, (int, float)) else math.nan)
@@ -204,7 +208,7 @@ def _read_annotations(ann_file: str) -> tuple[Any, ...]:
         np.frombuffer(areas, np.float64),
         np.frombuffer(crowd, np.int8).astype(bool),
         np.frombuffer(ids, np.int64),
-        malformed,
+        (np.frombuffer(malformed, np.int64), examples),
     )
 
 
