@@ -8,6 +8,7 @@ Examples:
     torchrun --nproc_per_node=4 -m dfine.cli.train -c CFG
     dfine-train -c CFG --print-config               # show the fully resolved config and exit
     dfine-train -c CFG --check-data                 # check images and annotations, exit 0 when trainable
+    dfine-train -c CFG --check-data full            # ... and decode every image
     dfine-train -c CFG --show-batch 2               # draw 2 augmented training batches to output_dir
 """
 
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-only", action="store_true", help="only evaluate (use with -r or -t)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
-        "--check-data", action="store_true", help="check the datasets and exit (0 = trainable)"
+        "--check-data",
+        nargs="?",
+        const="header",
+        choices=["header", "full"],
+        help="check the datasets and exit (0 = trainable); 'full' also decodes every image",
     )
     parser.add_argument(
         "--show-batch", type=int, default=0, metavar="N", help="draw N augmented training batches and exit"
@@ -74,7 +79,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def check_data(cfg: Config) -> int:
+def check_data(cfg: Config, mode: str = "header") -> int:
     """Print a report for the training and validation datasets; 0 when both can be trained on."""
     from dfine.data import build_dataloader, check_dataset
 
@@ -86,7 +91,7 @@ def check_data(cfg: Config) -> int:
         loader = build_dataloader(
             block, split=split, num_classes=cfg.get("num_classes"), where=cfg.where(split)
         )
-        report = check_dataset(loader.dataset)
+        report = check_dataset(loader.dataset, images="decode" if mode == "full" else "header")
         print(f"[{split}]")
         for line in report.summary_lines():
             print(f"  {line}")
@@ -116,7 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(dump_config(cfg), end="")
         return 0
     if args.check_data:
-        return check_data(cfg)
+        return check_data(cfg, args.check_data)
     if args.show_batch:
         return show_batches(cfg, args.show_batch)
 

@@ -7,7 +7,8 @@ finding                                    severity  what training does
 =========================================  ========  =========================================================
 missing image file                         error     (would stop with FileNotFoundError naming the file)
 unreadable image (not an image)            error     (would stop with UnreadableImageError naming the file)
-truncated image (``images="decode"``)      warning   loads with the missing part grey
+truncated JPEG/PNG (no end marker;         warning   loads with the missing part grey
+``decode``: any truncation)
 box partly outside the image               warning   clipped to the image
 box entirely outside the image             warning   dropped
 box with zero or negative width/height     warning   dropped
@@ -32,7 +33,7 @@ from typing import Literal
 import numpy as np
 
 from dfine.data.base import DetectionDataset
-from dfine.data.image_io import UnreadableImageError, load_image, read_image_size
+from dfine.data.image_checks import PROBLEMS, check_images
 
 __all__ = ["DatasetReport", "Finding", "check_dataset"]
 
@@ -139,8 +140,10 @@ def check_dataset(
     Args:
         dataset: any dataset built on `DetectionDataset` (COCO, YOLO, VOC, quickstart).
         images: how far to look at image files: ``none`` (annotations only, declared sizes), ``exists``,
-            ``header`` (default: open each file and read its upright size, fast), ``decode`` (decode every
-            pixel: finds truncated files, slow on large sets).
+            ``header`` (default: read each file's upright size and look for the JPEG/PNG end marker, which
+            names truncated files), ``decode`` (decode every pixel: slow on large sets). ``header`` and
+            ``decode`` results are kept beside the annotation cache per (path, size, mtime): a later check
+            reads only the files that changed.
         num_threads: threads reading files.
 
     Returns:
@@ -173,30 +176,27 @@ def _image_sizes(
     if mode not in ("exists", "header", "decode"):
         raise ValueError(f"images must be one of none, exists, header, decode; got {mode!r}.")
 
-    def probe(index: int) -> tuple[str | None, tuple[int, int] | None]:
-        path = dataset.image_path(index)
-        try:
-            if mode == "exists":
-                return (None, declared[index]) if os.path.isfile(path) else ("missing", None)
-            if mode == "header":
-                return None, read_image_size(path)
-            try:
-                return None, load_image(path, allow_truncated=False).size
-            except UnreadableImageError as error:
-                if "truncated" not in str(error):
-                    raise
-                return "truncated", read_image_size(path)
-        except FileNotFoundError:
-            return "missing", None
-        except UnreadableImageError:
-            return "unreadable", None
-
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = list(pool.map(probe, range(len(table)), chunksize=64))
+    paths = [dataset.image_path(index) for index in range(len(table))]
+    if mode == "exists":
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            found = list(pool.map(os.path.isfile, paths, chunksize=256))
+        results = [(None, declared[i]) if ok else ("missing", None) for i, ok in enumerate(found)]
+    else:
+        remember, identity = None, ""
+        if table.cache_path is not None:  # kept beside the annotation cache, valid for this version of it
+            stat = os.stat(table.cache_path)
+            remember = f"{table.cache_path}.{mode}-checks.npz"
+            identity = f"{os.path.abspath(dataset.img_folder)}|{stat.st_size}|{stat.st_mtime_ns}"
+        problems, found_sizes, read = check_images(paths, mode, num_threads, remember, identity)
+        logger.info("%s: %d image files read, %d results reused", dataset.source, read, len(paths) - read)
+        results = [
+            (PROBLEMS[p], (int(w), int(h)) if w > 0 else None)
+            for p, (w, h) in zip(problems.tolist(), found_sizes, strict=True)
+        ]
 
     sizes: list[tuple[int, int] | None] = []
     for index, (problem, size) in enumerate(results):
-        path = dataset.image_path(index)
+        path = paths[index]
         if problem is not None:
             report.findings[problem].add(path)
         if size is not None and declared[index] is not None and size != declared[index]:

@@ -84,10 +84,11 @@ def test_check_reports_each_kind_once_with_errors_for_unusable_files(bad_dataset
         key: report.count(key) for key in ("outside", "beyond", "degenerate", "unknown_category", "orphans")
     }
     assert counts == {"outside": 1, "beyond": 1, "degenerate": 1, "unknown_category": 1, "orphans": 1}
-    assert report.count("truncated") == 0, "header mode does not decode pixels"
+    assert report.count("truncated") == 1, "the default check finds the missing end-of-image marker"
+    assert TRUNCATED in report.findings["truncated"].examples[0]
     lines = report.summary_lines()
     assert "NOT OK" in lines[0]
-    assert sum("ERROR" in line for line in lines) == 2 and sum("WARNING" in line for line in lines) == 5
+    assert sum("ERROR" in line for line in lines) == 2 and sum("WARNING" in line for line in lines) == 6
     assert any("category_id 99" in line for line in lines)
 
 
