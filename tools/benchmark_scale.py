@@ -1,4 +1,4 @@
-"""Annotation loading at real scale: plain json.load / pycocotools against dfine's streamed build and its cache.
+"""Annotation loading at real scale: json.load / pycocotools against dfine's streamed build and its cache.
 
 Make the files once (tools/dataset/make_synthetic_coco.py), then::
 
@@ -7,8 +7,8 @@ Make the files once (tools/dataset/make_synthetic_coco.py), then::
 Each measurement runs in a fresh process (peak RSS is the process's own ``ru_maxrss``; the interpreter with
 dfine and torch imported is reported as ``import``). Columns:
 
-* ``json.load`` / ``pycocotools``: the reference every process pays today (skipped above ``--max-reference-mb``;
-  then extrapolated linearly from the smallest file measured, marked ``~``).
+* ``json.load`` / ``pycocotools``: the reference every process pays today (skipped above
+  ``--max-reference-mb``; then extrapolated linearly from the largest file measured, marked ``~``).
 * ``build``: dfine's first use (streamed parse + cache write).
 * ``cached``: a later start (maps the cache).
 * ``4 procs``: four processes mapping the cache at once: slowest start, sum of PSS.
@@ -52,7 +52,7 @@ def _child(mode: str, path: str) -> dict[str, float]:
     base = _peak_mb()
     if mode in ("build", "cached", "memory"):
         start = time.perf_counter()
-        table, _, _ = parse_coco(path)
+        parse_coco(path)
         result = {"s": time.perf_counter() - start, "peak_mb": _peak_mb(), "import_mb": base}
         result["rss_mb"] = psutil.Process().memory_info().rss / _MB
         result["pss_mb"] = psutil.Process().memory_full_info().pss / _MB
@@ -79,7 +79,7 @@ def _worker_growth(path: str) -> dict[str, float]:
 
         def __getitem__(self, index: int) -> torch.Tensor:
             row = int(np.random.randint(len(table)))
-            boxes, labels = boxes_for_image(table, row, 640, 640, label_map)
+            _, labels = boxes_for_image(table, row, 640, 640, label_map)
             table.file_name(row)
             if index in (0, 10_000):
                 return torch.tensor([psutil.Process().memory_full_info().pss / _MB, _anonymous_mb()])
@@ -126,14 +126,45 @@ def _four(path: str) -> dict[str, float]:
     }
 
 
+def _image_check(ann: str, img_dir: str) -> None:
+    import glob
+    import logging
+
+    from dfine.data import CocoDetection, check_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for stale in glob.glob(ann + ".dfine-cache.*-checks.npz"):
+        os.unlink(stale)
+    dataset = CocoDetection(img_dir, ann)
+    for mode in ("exists", "header", "header", "decode", "decode"):
+        start = time.perf_counter()
+        report = check_dataset(dataset, images=mode)
+        print(
+            f"{mode:>7}: {len(dataset)} files in {time.perf_counter() - start:.1f} s, "
+            f"truncated {report.count('truncated')}, missing {report.count('missing')}",
+            flush=True,
+        )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="*")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--image-check",
+        nargs=2,
+        metavar=("ANN", "IMG_DIR"),
+        help="instead: time check_dataset's header and decode modes over these images, first and second run",
+    )
     parser.add_argument("--max-reference-mb", type=float, default=1000, help="skip json.load above this size")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child)))
+        return
+    if args.image_check:
+        _image_check(*args.image_check)
         return
     rows, per_mb = [], {}
     for path in args.files:
@@ -142,7 +173,10 @@ def main() -> None:
         for reference in ("json", "pycocotools"):
             if size_mb <= args.max_reference_mb:
                 measured = _run(reference, path)
-                per_mb[reference] = (measured["s"] / size_mb, measured["peak_mb"] / size_mb)  # largest measured
+                per_mb[reference] = (
+                    measured["s"] / size_mb,
+                    measured["peak_mb"] / size_mb,
+                )  # largest measured
                 row[reference] = f"{measured['s']:.1f} s / {measured['peak_mb']:.0f} MB"
             elif reference in per_mb:
                 s, mb = per_mb[reference]
@@ -156,7 +190,10 @@ def main() -> None:
         cached = _run("cached", path)
         row["cached"] = f"{cached['s']:.2f} s / RSS {cached['rss_mb']:.0f} MB"
         four = _four(path)
-        row["4 procs"] = f"max {four['max_s']:.2f} s, RSS<={four['max_rss_mb']:.0f} MB, PSS sum {four['sum_pss_mb']:.0f} MB"
+        row["4 procs"] = (
+            f"max {four['max_s']:.2f} s, RSS<={four['max_rss_mb']:.0f} MB, "
+            f"PSS sum {four['sum_pss_mb']:.0f} MB"
+        )
         worker = _run("worker", path)
         memory = _run("worker", path, {"DFINE_ANNOTATION_CACHE": "0"})
         row["worker +PSS/10k"] = (

@@ -2,9 +2,9 @@
 
 Parsing Objects365's JSON costs minutes and gigabytes in every rank and on every start; the table it yields
 is a few flat arrays. The first use writes them to one file (``<annotation file>.dfine-cache`` when that
-folder is writable, else ``$DFINE_CACHE_DIR`` or ``~/.cache/dfine/annotations``); later starts, all ranks and all loader
-workers ``mmap`` it read-only, so the pages are shared through the page cache (no per-worker copy, no
-copy-on-access growth: numpy never writes to a read-only map).
+folder is writable, else ``$DFINE_CACHE_DIR`` or ``~/.cache/dfine/annotations``); later starts, all ranks
+and all loader workers ``mmap`` it read-only, so the pages are shared through the page cache (no per-worker
+copy, no copy-on-access growth: numpy never writes to a read-only map).
 
 File layout: ``MAGIC``, a little-endian uint64 header length, a JSON header (format version, the key of the
 source, CRC32 of the array bytes, each array's dtype, shape and offset, and free-form ``meta``), then the

@@ -20,12 +20,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
+from dfine.config.registry import ConfigError
 from dfine.data.epoch import SharedEpoch, WorkerReseeder
 from dfine.data.image_io import load_image, try_read_image_size
 from dfine.data.label_map import LabelMap
+from dfine.data.sample_failures import SampleFailures, TooManyFailedSamplesError
 from dfine.ops.box_ops import box_xyxy_to_cxcywh
 
 __all__ = ["AnnotationTable", "DetectionDataset", "Target", "boxes_for_image"]
+
+_MAX_REPLACEMENTS = 16  # neighbours tried after a sample fails to load
 
 
 class Target(TypedDict, total=False):
@@ -173,7 +177,12 @@ class DetectionDataset(Dataset):
         source: str,
         transforms: Callable[..., Any] | Mapping[str, Any] | None,
         num_classes: int | None,
+        max_failed_fraction: float = 0.01,
     ) -> None:
+        if not 0 <= max_failed_fraction <= 1:
+            raise ConfigError(
+                f"{source}: max_failed_fraction must be in 0..1 (e.g. 0.01), got {max_failed_fraction}."
+            )
         if isinstance(transforms, Mapping):
             from dfine.data.compose import build_transforms  # compose imports this module's finalize_sample
 
@@ -184,6 +193,8 @@ class DetectionDataset(Dataset):
         self.source = source
         self.transforms = transforms
         self._epoch = SharedEpoch()
+        self.max_failed_fraction = max_failed_fraction
+        self.failures = SampleFailures()
         self.reseeder = WorkerReseeder()
         label_map.check_num_classes(num_classes)
 
@@ -198,6 +209,7 @@ class DetectionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Set the training epoch the stop-epoch policy and `Mosaic` read (seen by all loader workers)."""
         self._epoch.set(epoch)
+        self.failures.reset()
         if hasattr(self.transforms, "set_epoch"):
             self.transforms.set_epoch(epoch)
 
@@ -234,11 +246,31 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         epoch = self.epoch
         self.reseeder(epoch)
-        image, target = self.load_item(index)
+        image, target = self._load_or_replace(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target, dataset=self, epoch=epoch)
             image, target = finalize_sample(image, target)
         return image, target
+
+    @property
+    def failed_samples(self) -> int:
+        """Samples that failed to load since the last `set_epoch` (all loader workers together)."""
+        return self.failures.total()
+
+    def _load_or_replace(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
+        """`load_item`, or when the file cannot be read the next loadable sample (counted, see
+        `SampleFailures`): a deterministic neighbour keeps the epoch reproducible."""
+        for attempt in range(_MAX_REPLACEMENTS + 1):
+            candidate = (index + attempt) % len(self)
+            try:
+                return self.load_item(candidate)
+            except OSError as error:  # missing (FileNotFoundError) or undecodable (UnreadableImageError)
+                allowed = self.max_failed_fraction * len(self)
+                self.failures.record(self.image_path(candidate), error, allowed, len(self))
+        raise TooManyFailedSamplesError(
+            f"{_MAX_REPLACEMENTS + 1} samples in a row from {self.image_path(index)} failed to load; check "
+            "the image folder (dfine-train --check-data lists broken files)."
+        )
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def to_coco_dict(self) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class CocoDetection(DetectionDataset):
         return_masks: kept so the original configs load; only False is supported (D-FINE detects boxes).
         num_classes: the config's top-level ``num_classes``, passed by the builder and checked against the
             file's categories.
+        max_failed_fraction: during training, a sample whose image fails to load is replaced by the next
+            loadable one (counted, the file named once); more failures in one epoch than this fraction of the
+            dataset stop the run with `TooManyFailedSamplesError`.
 
     Raises:
         FileNotFoundError: ``ann_file`` does not exist.
@@ -47,6 +50,7 @@ class CocoDetection(DetectionDataset):
         transforms: Callable[..., Any] | Mapping[str, Any] | None = None,
         return_masks: bool = False,
         num_classes: int | None = None,
+        max_failed_fraction: float = 0.01,
     ) -> None:
         if return_masks:
             raise ConfigError(
@@ -54,7 +58,7 @@ class CocoDetection(DetectionDataset):
             )
         self.ann_file = os.fspath(ann_file)
         table, label_map, self.orphan_annotations = parse_coco(self.ann_file)
-        self._setup(table, label_map, img_folder, self.ann_file, transforms, num_classes)
+        self._setup(table, label_map, img_folder, self.ann_file, transforms, num_classes, max_failed_fraction)
 
 
 def parse_coco(ann_file: str) -> tuple[AnnotationTable, LabelMap, int]:

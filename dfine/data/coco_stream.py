@@ -8,9 +8,9 @@ boxes): ijson 1.8 s / 15 MB peak to iterate the annotations, ``json.load`` 2.7 s
 1.1 s / 450 MB (fast, but its memory grows with the file); see ``tools/benchmark_scale.py``.
 
 Bad input is refused with the file and the entry named (duplicate or non-integer image ids, annotations
-lacking ``image_id``/``category_id``, non-finite boxes) or counted in a named warning (boxes that are not 4 numbers,
-zero or negative width/height, unknown category ids, annotations of images not in the file, a file without
-annotations). Warnings are kept in the cache's meta and repeated on every start.
+lacking ``image_id``/``category_id``, non-finite boxes) or counted in a named warning (boxes that are not 4
+numbers, zero or negative width/height, unknown category ids, annotations of images not in the file, a file
+without annotations). Warnings are kept in the cache's meta and repeated on every start.
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def _invalid_json(ann_file: str, error: Exception) -> ConfigError:
             return ConfigError(f"{ann_file}: not valid JSON ({precise}).")
         except _NonFinite as constant:
             return ConfigError(
-                f"{ann_file}: contains {constant.args[0]}, which is not JSON (Python's json.dump writes it for a "
-                "non-finite float); fix or drop the boxes that produced it."
+                f"{ann_file}: contains {constant.args[0]}, which is not JSON (Python's json.dump writes it "
+                "for a non-finite float); fix or drop the boxes that produced it."
             )
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     return ConfigError(

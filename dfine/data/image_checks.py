@@ -1,8 +1,9 @@
 """Per-file image checks that scale: a cheap truncation test, run in threads, remembered between starts.
 
 At Objects365 size (1.7M files) reading every header takes minutes; a file rarely changes between two starts.
-Each result is kept with the file's size and mtime beside the annotation cache (``<cache>.<mode>-checks.npz``),
-so a later check stats every file (seconds) and reads only those that changed.
+Each result is kept with the file's size and mtime beside the annotation cache
+(``<cache>.<mode>-checks.npz``), so a later check stats every file (seconds) and reads only those that
+changed.
 
 A truncated JPEG (a copy cut short) opens and reports its size like a whole one; PIL only notices while
 decoding, and then fills the missing part with grey. Whole files end with an end-of-image marker (JPEG

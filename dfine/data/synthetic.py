@@ -221,6 +221,7 @@ class QuickstartDetection(CocoDetection):
         image_size: square image side in pixels.
         transforms: a `Compose` or its config block.
         num_classes: the config's ``num_classes`` (4 here), passed by the builder.
+        max_failed_fraction: see `CocoDetection`.
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class QuickstartDetection(CocoDetection):
         image_size: int = 320,
         transforms: Callable[..., Any] | Mapping[str, Any] | None = None,
         num_classes: int | None = None,
+        max_failed_fraction: float = 0.01,
     ) -> None:
         count = num_images if num_images is not None else _DEFAULT_NUM_IMAGES.get(split, 200)
         folder = ensure_quickstart(root, split=split, num_images=count, seed=seed, image_size=image_size)
@@ -240,4 +242,5 @@ class QuickstartDetection(CocoDetection):
             str(folder / "annotations.json"),
             transforms=transforms,
             num_classes=num_classes,
+            max_failed_fraction=max_failed_fraction,
         )

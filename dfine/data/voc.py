@@ -33,6 +33,9 @@ class VOCDetection(DetectionDataset):
         label_file: class names, relative to ``root``.
         transforms: a `Compose` or its config block.
         num_classes: the config's ``num_classes`` (passed by the builder, checked against the label file).
+        max_failed_fraction: during training, a sample whose image fails to load is replaced by the next
+            loadable one (counted, the file named once); more failures in one epoch than this fraction of the
+            dataset stop the run with `TooManyFailedSamplesError`.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class VOCDetection(DetectionDataset):
         label_file: str = "label_list.txt",
         transforms: Callable[..., Any] | Mapping[str, Any] | None = None,
         num_classes: int | None = None,
+        max_failed_fraction: float = 0.01,
     ) -> None:
         root_path = Path(root).expanduser()
         list_path, labels_path = root_path / ann_file, root_path / label_file
@@ -67,7 +71,7 @@ class VOCDetection(DetectionDataset):
                 label_file,
                 meta["unknown"],
             )
-        self._setup(table, label_map, root_path, str(list_path), transforms, num_classes)
+        self._setup(table, label_map, root_path, str(list_path), transforms, num_classes, max_failed_fraction)
 
 
 def _scan(root: Path, pairs: list[list[str]], names: list[str]) -> tuple[AnnotationTable, dict[str, Any]]:

@@ -41,6 +41,9 @@ class YoloDetection(DetectionDataset):
             ``images`` path component replaced by ``labels`` (the YOLO convention).
         transforms: a `Compose` or its config block.
         num_classes: the config's ``num_classes`` (passed by the builder, checked against ``names``).
+        max_failed_fraction: during training, a sample whose image fails to load is replaced by the next
+            loadable one (counted, the file named once); more failures in one epoch than this fraction of the
+            dataset stop the run with `TooManyFailedSamplesError`.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class YoloDetection(DetectionDataset):
         label_folder: str | None = None,
         transforms: Callable[..., Any] | Mapping[str, Any] | None = None,
         num_classes: int | None = None,
+        max_failed_fraction: float = 0.01,
     ) -> None:
         image_root = Path(img_folder).expanduser()
         if not image_root.is_dir():
@@ -69,7 +73,9 @@ class YoloDetection(DetectionDataset):
         label_map = LabelMap.from_names(
             class_names, source=str(names) if isinstance(names, str) else str(image_root)
         )
-        self._setup(table, label_map, image_root, str(image_root), transforms, num_classes)
+        self._setup(
+            table, label_map, image_root, str(image_root), transforms, num_classes, max_failed_fraction
+        )
 
 
 def _scan(

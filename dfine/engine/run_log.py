@@ -138,6 +138,7 @@ _SUMMARY_KEYS = (
     ("time", "time", "{:.0f}s"),
     ("images_per_s", "img/s", "{:.1f}"),
     ("memory_mb", "mem", "{:.0f}MB"),
+    ("failed_samples", "failed loads", "{:.0f}"),  # shown only when some failed
 )
 
 
@@ -146,6 +147,8 @@ def format_epoch_record(record: Mapping[str, Any]) -> str:
     parts = [f"stage {record.get('stage', 1)}"]
     for key, label, form in _SUMMARY_KEYS:
         value = record.get(key)
+        if key == "failed_samples" and not value:
+            continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parts.append(f"{label} {form.format(value)}")
     return " | ".join(parts)

@@ -86,6 +86,7 @@ class Trainer:
         train_stats = self.train_one_epoch(epoch)
         state.epoch = epoch + 1
         record: dict[str, Any] = {"epoch": epoch, "stage": state.stage, **train_stats}
+        record["failed_samples"] = self._failed_samples()
         record["time"] = time.time() - start
         record["memory_mb"] = peak_memory_mb(run.device)
         metrics = None
@@ -137,6 +138,11 @@ class Trainer:
         stats["lr"] = lr_used  # the lr of the epoch's last step (the schedule has moved on since)
         stats["images_per_s"] = seen_images / max(time.time() - start, 1e-9)
         return stats
+
+    def _failed_samples(self) -> int:
+        """Training samples that failed to load this epoch, all ranks together (replaced, see the dataset)."""
+        count = torch.tensor([float(getattr(self.run.train_loader.dataset, "failed_samples", 0))])
+        return int(dist_utils.all_reduce_sum(count).item())  # the count itself when not distributed
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (model and EMA) before evaluating and saving.

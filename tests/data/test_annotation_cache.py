@@ -1,4 +1,5 @@
-"""The annotation cache: equal to the direct parse, rebuilt when stale or damaged, safe to race, shared by workers."""
+"""The annotation cache: equal to the direct parse, rebuilt when stale or damaged, safe to race, shared by
+workers."""
 
 from __future__ import annotations
 
@@ -69,13 +70,21 @@ def _reference_table(path: Path) -> AnnotationTable:
     images = sorted(data["images"], key=lambda image: image["id"])
     rows = [
         [
-            (*a["bbox"], a["category_id"], bool(a["iscrowd"]), a.get("area", a["bbox"][2] * a["bbox"][3]), a["id"])
+            (
+                *a["bbox"],
+                a["category_id"],
+                bool(a["iscrowd"]),
+                a.get("area", a["bbox"][2] * a["bbox"][3]),
+                a["id"],
+            )
             for a in data["annotations"]
             if a["image_id"] == image["id"]
         ]
         for image in images
     ]
-    return AnnotationTable.from_lists([(i["id"], i["file_name"], i["width"], i["height"]) for i in images], rows)
+    return AnnotationTable.from_lists(
+        [(i["id"], i["file_name"], i["width"], i["height"]) for i in images], rows
+    )
 
 
 def test_coco_cache_round_trip_equals_the_direct_parse_field_for_field(tmp_path):
@@ -105,8 +114,9 @@ def _voc(root: Path) -> Path:
     pairs = []
     for k in range(3):
         (root / f"{k}.xml").write_text(
-            f"<annotation><size><width>50</width><height>40</height></size><object><name>{['cat', 'dog'][k % 2]}"
-            f"</name><bndbox><xmin>{k}</xmin><ymin>2</ymin><xmax>20</xmax><ymax>30</ymax></bndbox></object>"
+            "<annotation><size><width>50</width><height>40</height></size>"
+            f"<object><name>{['cat', 'dog'][k % 2]}</name><bndbox><xmin>{k}</xmin><ymin>2</ymin>"
+            "<xmax>20</xmax><ymax>30</ymax></bndbox></object>"
             "</annotation>"
         )
         pairs.append(f"{k}.jpg {k}.xml")
@@ -191,7 +201,11 @@ def test_two_processes_racing_to_build_produce_one_good_cache(tmp_path):
     reference = _reference_table(path)
     assert results[0] == results[1]
     assert results[0][2] == len(reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.json", "ann.json.dfine-cache", "ann.json.dfine-cache.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ann.json",
+        "ann.json.dfine-cache",
+        "ann.json.dfine-cache.lock",
+    ]
     _assert_same(load_table(str(path) + ".dfine-cache", cache_key([path], "coco"))[0], reference)
 
 

@@ -79,7 +79,8 @@ WARNINGS = {
     "no annotations": (_no_annotations, r"ann\.json: has no annotations at all; every image is background"),
     "three-number box": (
         _annotation("bbox", [1, 2, 3]),
-        r"ann\.json: 1 annotations have a bbox that is not 4 numbers \(e\.g\. annotation 12: bbox \[1, 2, 3\]\)",
+        r"ann\.json: 1 annotations have a bbox that is not 4 numbers "
+        r"\(e\.g\. annotation 12: bbox \[1, 2, 3\]\)",
     ),
     "null box": (_annotation("bbox", None), r"1 annotations have a bbox that is not 4 numbers .*bbox None"),
     "negative width": (

@@ -38,7 +38,9 @@ def folder(tmp_path):
 
 
 def test_the_end_marker_test_tells_whole_from_cut_files(folder):
-    assert [has_truncated_tail(str(folder / n)) for n in ("whole.jpg", "cut.jpg", "whole.png", "cut.png")] == [
+    assert [
+        has_truncated_tail(str(folder / n)) for n in ("whole.jpg", "cut.jpg", "whole.png", "cut.png")
+    ] == [
         False,
         True,
         False,
@@ -93,7 +95,9 @@ def test_check_data_full_decodes(folder, tmp_path, capsys, monkeypatch):
     import dfine.data.check as check_module
 
     original = check_module.check_images
-    monkeypatch.setattr(check_module, "check_images", lambda paths, mode, *a: calls.append(mode) or original(paths, mode, *a))
+    monkeypatch.setattr(
+        check_module, "check_images", lambda paths, mode, *a: calls.append(mode) or original(paths, mode, *a)
+    )
     assert train_main(["-c", str(config), "--check-data", "full"]) == 0
     assert train_main(["-c", str(config), "--check-data"]) == 0
     assert calls == ["decode", "header"]

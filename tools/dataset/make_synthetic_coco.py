@@ -8,7 +8,8 @@ Used to measure the data pipeline at real scale without the real data::
     python tools/dataset/make_synthetic_coco.py /work/scale/o365.json --images 1742289 --boxes 14.6 \
         --classes 365
     # plus 400k hard links to one tiny JPEG, for the image checks
-    python tools/dataset/make_synthetic_coco.py /work/scale/links.json --images 400000 --image-dir /work/scale/img
+    python tools/dataset/make_synthetic_coco.py /work/scale/links.json --images 400000 \
+        --image-dir /work/scale/img
 
 The file is written in chunks (memory stays small whatever the size); boxes per image follow a Poisson law
 with the given mean, image ids are 1..N in a shuffled order (as real files are not sorted), image sizes vary.
@@ -69,7 +70,15 @@ def write_annotation_file(
                 f'{{"id": {annotation_id + k}, "image_id": {ids[o]}, "category_id": {c}, '
                 f'"bbox": [{a:.2f}, {b:.2f}, {cw:.2f}, {ch:.2f}], "area": {cw * ch:.2f}, "iscrowd": 0}}'
                 for k, (o, c, a, b, cw, ch) in enumerate(
-                    zip(owners.tolist(), categories.tolist(), x.tolist(), y.tolist(), w.tolist(), h.tolist())
+                    zip(
+                        owners.tolist(),
+                        categories.tolist(),
+                        x.tolist(),
+                        y.tolist(),
+                        w.tolist(),
+                        h.tolist(),
+                        strict=True,
+                    )
                 )
             ]
             if parts:
@@ -101,7 +110,9 @@ def link_images(folder: str | os.PathLike, num_images: int, file_pattern: str = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output", help="annotation JSON to write")
     parser.add_argument("--images", type=int, default=118_287, help="number of images")
     parser.add_argument("--boxes", type=float, default=7.3, help="mean boxes per image")
@@ -112,7 +123,10 @@ def main() -> None:
     start = time.perf_counter()
     count = write_annotation_file(args.output, args.images, args.boxes, args.classes, args.seed)
     size_mb = os.path.getsize(args.output) / 2**20
-    print(f"{args.output}: {args.images} images, {count} boxes, {size_mb:.0f} MB in {time.perf_counter() - start:.0f} s")
+    print(
+        f"{args.output}: {args.images} images, {count} boxes, {size_mb:.0f} MB "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     if args.image_dir:
         start = time.perf_counter()
         link_images(args.image_dir, args.images)
