@@ -146,6 +146,86 @@ def _image_check(ann: str, img_dir: str) -> None:
         )
 
 
+def _gather_rank(rank: int, world: int, port: int, images: int, per_image: int, mode: str, out: str) -> None:
+    """One of ``world`` gloo ranks: synthetic detections of its share of images, then gather (+ score)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from dfine import distributed
+    from dfine.evaluation.coco_evaluator import CocoEvaluator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank))
+    distributed.init_distributed("cpu")
+    rng = np.random.default_rng(rank)
+    ground_truth = {
+        "images": [
+            {"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, images + 1)
+        ],
+        "annotations": [
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1 + i % 365,
+                "bbox": [10, 10, 50, 40],
+                "area": 2000,
+                "iscrowd": 0,
+            }
+            for i in range(1, images + 1)
+        ],
+        "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 366)],
+    }
+    evaluator = CocoEvaluator(ground_truth, max_detections=100)
+    for image_id in range(1 + rank, images + 1, world):
+        xy = rng.random((per_image, 2), dtype=np.float32) * 500
+        evaluator.update(
+            {
+                image_id: {
+                    "boxes": torch.from_numpy(np.concatenate([xy, xy + 40], axis=1)),
+                    "scores": torch.from_numpy(rng.random(per_image, dtype=np.float32)),
+                    "labels": torch.from_numpy(rng.integers(1, 366, per_image)),
+                }
+            }
+        )
+    dist.barrier()
+    before = _peak_mb()
+    start = time.perf_counter()
+    if mode == "old":  # what evaluation did before: every rank pickles its dict to every rank
+        gathered = distributed.all_gather_object(evaluator._detections)
+        del gathered
+    else:
+        evaluator.synchronize()
+    gather_s = time.perf_counter() - start
+    gather_peak = _peak_mb()
+    result = {"gather_s": gather_s, "rss_before_mb": before, "gather_peak_mb": gather_peak}
+    if mode == "score" and rank == 0:
+        start = time.perf_counter()
+        evaluator.summarize()
+        result.update(score_s=time.perf_counter() - start, score_peak_mb=_peak_mb())
+    elif mode == "score":
+        evaluator.summarize()
+    if rank == 0:
+        with open(out, "w") as file:
+            json.dump(result, file)
+    distributed.cleanup()
+
+
+def _gather(images: int, per_image: int, mode: str) -> dict[str, float]:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tempfile.mktemp(suffix=".json")
+    mp.spawn(_gather_rank, args=(4, port, images, per_image, mode, out), nprocs=4, join=True)
+    with open(out) as file:
+        return json.load(file)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +238,29 @@ def main() -> None:
         metavar=("ANN", "IMG_DIR"),
         help="instead: time check_dataset's header and decode modes over these images, first and second run",
     )
+    parser.add_argument(
+        "--gather",
+        nargs=3,
+        metavar=("IMAGES", "PER_IMAGE", "MODE"),
+        help="instead: 4 gloo ranks gather synthetic detections; MODE old (all_gather_object), new, score",
+    )
     parser.add_argument("--max-reference-mb", type=float, default=1000, help="skip json.load above this size")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child)))
+        return
+    if args.gather:
+        images, per_image, mode = args.gather
+        print(
+            json.dumps(
+                {
+                    "images": images,
+                    "per_image": per_image,
+                    "mode": mode,
+                    **_gather(int(images), int(per_image), mode),
+                }
+            )
+        )
         return
     if args.image_check:
         _image_check(*args.image_check)

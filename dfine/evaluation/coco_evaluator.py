@@ -22,7 +22,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from dfine.config.build import build_block
 from dfine.config.registry import EVALUATORS, ConfigError
 from dfine.data.coco import read_json
-from dfine.distributed import all_gather_object, broadcast_object, is_main_process
+from dfine.distributed import broadcast_object, gather_rows, is_main_process
 
 __all__ = [
     "METRIC_NAMES",
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 _COLUMNS = 6  # per detection: x, y, w, h (pixels), score, category_id
+_NO_ROWS = np.empty((0, _COLUMNS), np.float32)
 
 
 def load_coco_ground_truth(source: COCO | str | Path | Mapping[str, Any] | Any) -> COCO:
@@ -133,24 +134,36 @@ class CocoEvaluator:
             rows[:, 2:4] = boxes[:, 2:4] - boxes[:, 0:2]  # xyxy -> xywh
             rows[:, 4] = scores
             rows[:, 5] = labels
-            self._detections[image_id] = rows
+            self._detections[image_id] = _cap_per_category(rows, self.max_detections)
         self._synchronized = False
 
     def synchronize(self) -> None:
-        """Gather every rank's detections onto every rank, keeping one entry per image (first rank wins).
+        """Gather every rank's detections onto rank 0, keeping one entry per image (first rank wins).
 
-        Every rank must call it (a collective); a single process returns at once.
+        Every rank must call it (a collective); a single process returns at once. Rows travel as tensors
+        (`gather_rows`), not pickled objects, and only rank 0 receives them; the other ranks keep the
+        gathered image ids only (for :attr:`image_ids`).
         """
+        ids = np.fromiter(self._detections, np.int64, len(self._detections))
+        counts = np.array([len(rows) for rows in self._detections.values()], dtype=np.int64)
+        rows = np.concatenate([*self._detections.values(), np.empty((0, _COLUMNS), np.float32)])
+        parts = [gather_rows(torch.from_numpy(array)) for array in (ids, counts, np.ascontiguousarray(rows))]
         merged: dict[int, np.ndarray] = {}
-        for rank_detections in all_gather_object(self._detections):
-            for image_id, rows in rank_detections.items():
-                merged.setdefault(image_id, rows)
-        self._detections = merged
+        if parts[0] is not None:
+            for rank_ids, rank_counts, rank_rows in zip(*parts, strict=True):
+                if not len(rank_ids):
+                    continue
+                split = np.split(rank_rows.numpy(), np.cumsum(rank_counts.numpy())[:-1])
+                for image_id, image_rows in zip(rank_ids.tolist(), split, strict=True):
+                    merged.setdefault(image_id, image_rows)
+        seen = broadcast_object(sorted(merged) if is_main_process() else None)
+        self._detections = merged if is_main_process() else dict.fromkeys(seen, _NO_ROWS)
         self._synchronized = True
 
     def to_coco_results(self) -> list[dict[str, Any]]:
         """Detections in COCO results format: ``[{"image_id", "category_id", "bbox": [x, y, w, h] px,
-        "score"}]``, by image id (all ranks' after :meth:`synchronize`, this rank's before)."""
+        "score"}]``, by image id (all ranks' on rank 0 after :meth:`synchronize`, none on the other ranks;
+        this rank's before)."""
         return _coco_results(self._detections)
 
     def summarize(self) -> dict[str, float]:
@@ -214,6 +227,18 @@ def check_result_ids(
             f"(its ids: {known_categories[:10].tolist()}...). Labels must be mapped from contiguous "
             "indices to the dataset's category ids before evaluation (check the label map and num_classes)."
         )
+
+
+def _cap_per_category(rows: np.ndarray, limit: int) -> np.ndarray:
+    """Keep the ``limit`` highest-scoring rows of each category: COCOeval never looks further, so AP is
+    unchanged while a 365-class model's long tail of detections stays out of the gather."""
+    if len(rows) <= limit:
+        return rows
+    order = np.lexsort((-rows[:, 4], rows[:, 5]))  # by category, best score first
+    categories = rows[order, 5]
+    first = np.searchsorted(categories, categories, side="left")
+    keep = order[np.arange(len(order)) - first < limit]
+    return rows[np.sort(keep)]
 
 
 def _coco_results(detections: Mapping[int, np.ndarray]) -> list[dict[str, Any]]:
