@@ -26,6 +26,7 @@ from dfine.data.loader import (
     check_dataloader_block,
     per_rank_batch_size,
 )
+from dfine.data.sample_failures import TooManyFailedSamplesError
 from dfine.data.synthetic import QuickstartDetection, ensure_quickstart
 from dfine.data.transforms import letterbox_geometry, original_frame_size
 from dfine.data.voc import VOCDetection
@@ -43,6 +44,7 @@ __all__ = [
     "LabelEntry",
     "LabelMap",
     "QuickstartDetection",
+    "TooManyFailedSamplesError",
     "ShardSampler",
     "Target",
     "UnreadableImageError",

@@ -11,7 +11,9 @@ source, CRC32 of the array bytes, each array's dtype, shape and offset, and free
 arrays, each 64-byte aligned. A cache is trusted only when the magic, version, key, file size and CRC32 all
 match; anything else (a changed source, a truncated or garbled file) is rebuilt. Writers take a file lock and
 replace the cache atomically, so processes racing to build it (all ranks of a torchrun job, two jobs) produce
-one good file: the first builds, the others wait on the lock and then map the result.
+one good file: the first builds, the others wait on the lock and then map the result (under torchrun: one
+process per node builds, the others block on the lock as at a barrier). ``DFINE_ANNOTATION_CACHE=0`` turns
+the cache off (parse every time, arrays in memory).
 """
 
 from __future__ import annotations
