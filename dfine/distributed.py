@@ -191,8 +191,9 @@ def gather_rows(tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None
     counts = [torch.zeros_like(count) for _ in range(get_world_size())]
     dist.all_gather(counts, count)
     longest = max(int(c) for c in counts)
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor
+    padded = tensor.to(device).contiguous()
+    if padded.shape[0] < longest:  # gather needs equal shapes
+        padded = torch.cat([padded, padded.new_zeros((longest - padded.shape[0], *padded.shape[1:]))])
     if get_rank() != dst:
         dist.gather(padded, None, dst=dst)
         return None
