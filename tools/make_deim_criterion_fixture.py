@@ -1,10 +1,11 @@
 """Record DEIM's criterion (MAL and the D-FINE terms it keeps) on recorded model outputs, so CI re-checks our
 ``DEIMCriterion`` without the DEIM checkout.
 
-DEIM trains the D-FINE architecture unchanged, so the output dicts recorded from the original D-FINE N model in
-``tests/fixtures/criterion_parity.pt`` (see tools/make_criterion_fixture.py) are exactly what DEIM's criterion
-sees. This script scores batch ``boxes`` of that fixture with DEIM's own ``DEIMCriterion`` (DEIM's loss
-weights, ``losses: [mal, boxes, local]``, ``gamma: 1.5``) in four cases and stores only the settings and terms:
+DEIM trains the D-FINE architecture unchanged, so the output dicts recorded from the original D-FINE N model
+in ``tests/fixtures/criterion_parity.pt`` (see tools/make_criterion_fixture.py) are exactly what DEIM's
+criterion sees. This script scores batch ``boxes`` of that fixture with DEIM's own ``DEIMCriterion``
+(DEIM's loss weights, ``losses: [mal, boxes, local]``, ``gamma: 1.5``) in four cases and stores only the
+settings and terms:
 
 * ``regular``: without the denoising entries;
 * ``denoising``: with ``dn_outputs``/``dn_pre_outputs``/``dn_meta``;

@@ -1,4 +1,4 @@
-"""Training losses: the Hungarian matcher and the D-FINE criterion (VFL, L1, GIoU, FGL, DDF) and DEIM's (MAL)."""
+"""Training losses: the Hungarian matcher, the D-FINE criterion (VFL, L1, GIoU, FGL, DDF) and DEIM's (MAL)."""
 
 from dfine.losses.criterion import DEIMCriterion, DFINECriterion
 from dfine.losses.matcher import HungarianMatcher

@@ -61,8 +61,8 @@ class DFINECriterion(nn.Module):
             config's ``matcher`` block first and passes it here).
         weight_dict: weight of each term, e.g. ``{loss_vfl: 1, loss_bbox: 5, loss_giou: 2, loss_fgl: 0.15,
             loss_ddf: 1.5}``; terms without a weight are not returned.
-        losses: which losses to compute: ``vfl``, ``mal`` or ``focal`` (classification), ``boxes`` (L1 + GIoU),
-            ``local`` (FGL + DDF).
+        losses: which losses to compute: ``vfl``, ``mal`` or ``focal`` (classification), ``boxes``
+            (L1 + GIoU), ``local`` (FGL + DDF).
         alpha, gamma: focal parameters of the class loss (D-FINE: 0.75, 2.0).
         num_classes: number of classes C (passed by the builder).
         reg_max: number of bin intervals per edge (R - 1), as in the decoder.

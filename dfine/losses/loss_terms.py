@@ -78,8 +78,8 @@ def matchability_aware_loss(
     """Matchability-Aware Loss (DEIM, Huang et al., 2025): VFL with the IoU target raised to ``gamma``.
 
     Positives are pulled towards ``iou ** gamma`` with weight 1 (VFL weighs them by the IoU itself, which
-    starves the low-IoU matches Dense O2O creates); negatives keep the focal weight ``sigmoid(logit) ** gamma``,
-    times ``alpha`` when given.
+    starves the low-IoU matches Dense O2O creates); negatives keep the focal weight
+    ``sigmoid(logit) ** gamma``, times ``alpha`` when given.
 
     Args:
         logits: [B, Q, C] class logits.
