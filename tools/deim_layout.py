@@ -1,5 +1,5 @@
-"""Print the layout of DEIM's own D-FINE models (parameters, state-dict numel and keys, key digest), the figures
-tests/config/test_deim_configs.py checks configs/deim against without the DEIM checkout.
+"""Print the layout of DEIM's own D-FINE models (parameters, state-dict numel and keys, key digest): the
+figures tests/config/test_deim_configs.py checks configs/deim against without the DEIM checkout.
 
 Usage (with DEIM checked out, e.g. ``git clone https://github.com/Intellindust-AI-Lab/DEIM``; one size per
 process, as DEIM's config system keeps global state)::
@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("size", choices=["n", "s", "m", "l", "x"])
     parser.add_argument("--deim", default=os.environ.get("DEIM_DIR", "/work/deim"))
     args = parser.parse_args()

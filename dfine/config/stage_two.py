@@ -6,8 +6,9 @@ are reloaded and the EMA restarts. The original configs write its epoch twice,
 ``train_dataloader.dataset.transforms.policy.epoch`` (augmentation off; with DEIM's three-epoch policy
 ``[start, mosaic_stop, stop]`` its last entry); both are accepted and must agree when both are set. DEIM
 keeps D-FINE's stage-2 mechanics unchanged (best stage-1 reload, EMA restart, multi-scale stop, all at
-``stop_epoch``), so both recipes share this one resolver. The EMA decay after the restart belongs in the ema block (``ema.restart_decay``, a
-``ModelEMA`` argument); the original's ``train_dataloader.collate_fn.ema_restart_decay`` is still read.
+``stop_epoch``), so both recipes share this one resolver. The EMA decay after the restart belongs in the ema
+block (``ema.restart_decay``, a ``ModelEMA`` argument); the original's
+``train_dataloader.collate_fn.ema_restart_decay`` is still read.
 
 :func:`resolve_stage_two` is the one reader of these keys; :func:`dfine.config.validate_config` runs its
 checks (:func:`check_stage_two`), so a config whose places disagree fails when it is loaded.

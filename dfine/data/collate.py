@@ -106,7 +106,9 @@ class BatchImageCollateFunction:
         if not 0.0 <= mixup_prob <= 1.0:
             raise ConfigError(f"collate_fn.mixup_prob must be in [0, 1], got {mixup_prob!r}; DEIM uses 0.5.")
         if isinstance(mixup_epochs, str) or not isinstance(mixup_epochs, Sequence) or len(mixup_epochs) < 1:
-            raise ConfigError(f"collate_fn.mixup_epochs must be [start, stop], got {mixup_epochs!r}; e.g. [4, 29].")
+            raise ConfigError(
+                f"collate_fn.mixup_epochs must be [start, stop], got {mixup_epochs!r}; e.g. [4, 29]."
+            )
         self.mixup_prob = float(mixup_prob)
         self.mixup_epochs = (int(mixup_epochs[0]), int(mixup_epochs[-1]))
         self.stop_epoch = stop_epoch

@@ -91,7 +91,11 @@ class Compose:
     def mosaic_stage(self, epoch: int) -> bool:
         """Whether ``epoch`` is in the mosaic stage ``[epoch[0], epoch[1])`` of a three-epoch policy."""
         epochs = self.policy.get("epoch")
-        return self.policy["name"] == "stop_epoch" and isinstance(epochs, list) and epochs[0] <= epoch < epochs[1]
+        return (
+            self.policy["name"] == "stop_epoch"
+            and isinstance(epochs, list)
+            and epochs[0] <= epoch < epochs[1]
+        )
 
     def __call__(
         self,
@@ -129,7 +133,9 @@ class Compose:
 
     def __repr__(self) -> str:
         lines = [f"  {op!r}" for op in self.ops]
-        return "Compose(\n" + "\n".join(lines) + f"\n  policy={self.policy}, mosaic_prob={self.mosaic_prob}\n)"
+        return (
+            "Compose(\n" + "\n".join(lines) + f"\n  policy={self.policy}, mosaic_prob={self.mosaic_prob}\n)"
+        )
 
 
 def build_transforms(block: Mapping[str, Any] | None, where: str = "transforms") -> Compose:
@@ -203,9 +209,9 @@ def _check_policy_epoch(epoch: Any, where: str) -> int | list[int]:
     """An int (D-FINE) or three increasing ints (DEIM's stages)."""
     if isinstance(epoch, int) and not isinstance(epoch, bool):
         return epoch
-    if isinstance(epoch, (list, tuple)) and len(epoch) == 3 and all(isinstance(e, int) for e in epoch):
-        if list(epoch) == sorted(epoch):
-            return list(epoch)
+    is_three = isinstance(epoch, (list, tuple)) and len(epoch) == 3 and all(isinstance(e, int) for e in epoch)
+    if is_three and list(epoch) == sorted(epoch):
+        return list(epoch)
     raise ConfigError(
         f"{where}.policy.epoch must be an int (D-FINE, e.g. 72) or three increasing epochs "
         f"[start, mosaic_stop, stop] (DEIM, e.g. [4, 29, 50]), got {epoch!r}."

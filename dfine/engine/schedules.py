@@ -42,7 +42,12 @@ __all__ = [
     "LinearWarmup",
     "MultiStepLR",
     "build_lr_schedule",
+    "lr_blocks",
 ]
+
+# DEIM's top-level schedule keys (beside ``lrsheduler: flatcosine``, sic) -> FlatCosineLRScheduler arguments
+DEIM_LR_KEYS = {"lr_gamma": "lr_gamma", "warmup_iter": "warmup_iter", "flat_epoch": "flat_epochs",
+                "no_aug_epoch": "no_aug_epochs"}  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +146,9 @@ class FlatCosineLR:
 class FlatCosineLRScheduler:
     """DEIM's schedule over global steps ``k``: quadratic warm-up, flat, half cosine, then flat at the floor.
 
-    With ``W = warmup_iter``, ``F = flat_epochs``, ``T = epochs`` and ``A = no_aug_epochs`` in steps, the factor
-    on each group's base lr is ``(k / W) ** 2`` for ``k <= W``, 1 up to ``F``, ``lr_gamma`` from ``T - A`` on,
-    and between them ``lr_gamma + (1 - lr_gamma) * (1 + cos(pi * (k - F) / (T - F - A))) / 2``.
+    With ``W = warmup_iter``, and ``F = flat_epochs``, ``T = epochs``, ``A = no_aug_epochs`` in steps, the
+    factor on each group's base lr is ``(k / W) ** 2`` for ``k <= W``, 1 up to ``F``, ``lr_gamma`` from
+    ``T - A`` on, and between them ``lr_gamma + (1 - lr_gamma) * (1 + cos(pi * (k - F) / (T - F - A))) / 2``.
 
     Args:
         lr_gamma: final lr as a fraction of each group's base lr (DEIM: 0.5; 1.0 keeps it flat).
@@ -345,3 +350,35 @@ def build_lr_schedule(
             "lr_warmup_scheduler: null (DEIM ignores it too) or use another lr_scheduler."
         )
     return LRSchedule(optimizer, steps_per_epoch, epochs, decay=decay, warmup=warmup)
+
+
+def lr_blocks(cfg: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """The ``(lr_scheduler, lr_warmup_scheduler)`` blocks of a config, DEIM's top-level keys included.
+
+    DEIM's configs write ``lrsheduler: flatcosine`` with ``lr_gamma``, ``warmup_iter``, ``flat_epoch`` and
+    ``no_aug_epoch`` at the top level; they are accepted as the block ``{type: FlatCosineLRScheduler, ...}``.
+
+    Raises:
+        ConfigError: DEIM's keys together with an ``lr_scheduler`` / ``lr_warmup_scheduler`` block (two
+            schedules; keep one), DEIM's keys without ``lrsheduler``, or another ``lrsheduler`` value.
+    """
+    given = [key for key in DEIM_LR_KEYS if cfg.get(key) is not None]
+    name = cfg.get("lrsheduler")
+    if name is None:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} set DEIM's lr schedule, which needs lrsheduler: flatcosine beside them "
+                "(or use lr_scheduler: {type: FlatCosineLRScheduler, ...})."
+            )
+        return cfg.get("lr_scheduler"), cfg.get("lr_warmup_scheduler")
+    if name != "flatcosine":
+        raise ConfigError(f"lrsheduler: DEIM's only schedule is 'flatcosine', got {name!r}.")
+    blocks = [key for key in ("lr_scheduler", "lr_warmup_scheduler") if cfg.get(key) is not None]
+    if blocks:
+        raise ConfigError(
+            f"lrsheduler: flatcosine and {' and '.join(blocks)} both set a schedule; keep one (set "
+            f"{': null, '.join(blocks)}: null to use DEIM's top-level keys)."
+        )
+    block = {"type": "FlatCosineLRScheduler"}
+    block.update({DEIM_LR_KEYS[key]: cfg[key] for key in given})
+    return block, None

@@ -18,9 +18,9 @@ from dfine.config.stage_two import resolve_stage_two
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = ("n", "s", "m", "l", "x")
-# Measured with DEIM's own code (tools/deim_layout.py, re-run live below: YAMLConfig(configs/deim_dfine/deim_hgnetv2_<size>
-# _coco.yml, HGNetv2={'pretrained': False}).model): parameters, state-dict numel and keys, and the first 16 hex
-# digits of sha256 over the sorted "key:shape" lines of its state dict.
+# Measured with DEIM's own code (tools/deim_layout.py, re-run live below; YAMLConfig of DEIM's
+# configs/deim_dfine/deim_hgnetv2_<size>_coco.yml, HGNetv2={'pretrained': False}): parameters, state-dict
+# numel and keys, and the first 16 hex digits of sha256 over the sorted "key:shape" lines of its state dict.
 DEIM_LAYOUT = {
     "n": (3_782_693, 3_809_074, 674, "3eb0684605473a9a"),
     "s": (10_321_877, 10_392_158, 794, "98b4089f70ba7a1f"),
@@ -28,7 +28,7 @@ DEIM_LAYOUT = {
     "l": (31_289_848, 31_406_971, 1253, "4ff6f7054836dec6"),
     "x": (62_715_480, 62_897_008, 1571, "56312ae13f7edec9"),
 }
-# epochs, policy epochs, flat epochs, no-aug epochs, lr_gamma: DEIM's configs/deim_dfine/deim_hgnetv2_*_coco.yml
+# epochs, policy epochs, flat epochs, no-aug epochs, lr_gamma of DEIM's deim_dfine/deim_hgnetv2_*_coco.yml
 DEIM_RECIPE = {
     "n": (160, [4, 78, 148], 7800, 12, 1.0),
     "s": (132, [4, 64, 120], 64, 12, 0.5),
@@ -61,7 +61,9 @@ def test_layout_equals_deims_and_parameters_equal_dfines(size: str) -> None:
     # D-FINE's layout: every key of D-FINE's model of that size, same shape; DEIM adds only the step counters
     # of the BatchNorms it unfreezes (L and X; D-FINE's N-M train them already)
     ours = {k: v.shape for k, v in model.state_dict().items()}
-    theirs = {k: v.shape for k, v in build(f"configs/dfine/dfine_hgnetv2_{size}_coco.yml").state_dict().items()}
+    theirs = {
+        k: v.shape for k, v in build(f"configs/dfine/dfine_hgnetv2_{size}_coco.yml").state_dict().items()
+    }
     assert {k: ours[k] for k in theirs} == theirs
     assert {k.rpartition(".")[2] for k in set(ours) - set(theirs)} <= {"num_batches_tracked"}
     assert (set(ours) == set(theirs)) is (size in ("n", "s", "m"))
@@ -74,11 +76,17 @@ def test_recipe_settings_are_deims(size: str) -> None:
     loader = cfg["train_dataloader"]
     assert cfg["epochs"] == epochs
     assert loader["dataset"]["transforms"]["policy"]["epoch"] == policy
-    assert loader["collate_fn"]["mixup_epochs"] == policy[:2] and loader["collate_fn"]["stop_epoch"] == policy[2]
+    assert (
+        loader["collate_fn"]["mixup_epochs"] == policy[:2] and loader["collate_fn"]["stop_epoch"] == policy[2]
+    )
     assert cfg["lr_scheduler"] == {"type": "FlatCosineLRScheduler", "lr_gamma": gamma, "warmup_iter": 2000,
                                    "flat_epochs": flat, "no_aug_epochs": no_aug}  # fmt: skip
     assert cfg.get("lr_warmup_scheduler") is None
-    assert cfg["criterion"]["type"] == "DEIMCriterion" and cfg["criterion"]["losses"] == ["mal", "boxes", "local"]
+    assert cfg["criterion"]["type"] == "DEIMCriterion" and cfg["criterion"]["losses"] == [
+        "mal",
+        "boxes",
+        "local",
+    ]
     assert cfg["criterion"]["gamma"] == 1.5
     decoder, backbone = cfg["model"]["decoder"], cfg["model"]["backbone"]
     assert (decoder["activation"], decoder["mlp_act"]) == ("silu", "silu")
@@ -91,7 +99,9 @@ def test_quickstart_deim_differs_from_the_quickstart_only_in_the_recipe() -> Non
     deim_cfg = dfine.load_config(ROOT / "configs/quickstart_deim.yml")
     for key in ("epochs", "eval_spatial_size", "optimizer", "ema", "val_dataloader"):
         assert deim_cfg[key] == dfine_cfg[key], key
-    assert deim_cfg["train_dataloader"]["total_batch_size"] == dfine_cfg["train_dataloader"]["total_batch_size"]
+    assert (
+        deim_cfg["train_dataloader"]["total_batch_size"] == dfine_cfg["train_dataloader"]["total_batch_size"]
+    )
     assert resolve_stage_two(deim_cfg).epoch == resolve_stage_two(dfine_cfg).epoch == 4
     assert layout(build("configs/quickstart_deim.yml")) == layout(build("configs/quickstart.yml"))
 

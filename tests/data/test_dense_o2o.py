@@ -221,7 +221,7 @@ def test_policy_epoch_must_be_an_int_or_three_increasing_epochs() -> None:
 
 def test_evaluation_loaders_refuse_mosaic_and_mixup(tmp_path: Path) -> None:
     dataset = {"type": "QuickstartDetection", "root": str(tmp_path), "split": "val", "num_images": 2}
-    with pytest.raises(ConfigError, match="collate_fn.mixup_prob"):
+    with pytest.raises(ConfigError, match=r"collate_fn\.mixup_prob"):
         build_dataloader({"dataset": dataset, "total_batch_size": 2, "collate_fn": {
             "type": "BatchImageCollateFunction", "mixup_prob": 0.5}}, split="val")  # fmt: skip
     mosaic = {**dataset, "transforms": {"type": "Compose", "ops": [{"type": "Mosaic"}]}}

@@ -15,6 +15,7 @@ from dfine.engine.schedules import (
     LRSchedule,
     MultiStepLR,
     build_lr_schedule,
+    lr_blocks,
 )
 
 
@@ -210,3 +211,24 @@ def test_deim_flat_cosine_equals_deims_own_schedule(deim):
         for mine, other in zip(ours.get_last_lr(), theirs_optimizer.param_groups, strict=True):
             assert mine == pytest.approx(other["lr"], rel=1e-12, abs=1e-15), step
         ours.step()
+
+
+def test_deims_top_level_lr_keys_become_the_flat_cosine_block():
+    cfg = {
+        "lrsheduler": "flatcosine",
+        "lr_gamma": 0.5,
+        "warmup_iter": 2000,
+        "flat_epoch": 29,
+        "no_aug_epoch": 8,
+    }
+    block, warmup = lr_blocks(cfg)
+    assert warmup is None
+    assert block == {"type": "FlatCosineLRScheduler", "lr_gamma": 0.5, "warmup_iter": 2000, "flat_epochs": 29,
+                     "no_aug_epochs": 8}  # fmt: skip
+    schedule = build_lr_schedule(make_optimizer(1.0), block, warmup, steps_per_epoch=100, epochs=58)
+    assert isinstance(schedule.decay, FlatCosineLRScheduler) and schedule.decay.flat_steps == 2900
+    with pytest.raises(ConfigError, match="both set a schedule"):
+        lr_blocks({**cfg, "lr_scheduler": {"type": "MultiStepLR", "milestones": [500]}})
+    with pytest.raises(ConfigError, match="needs lrsheduler: flatcosine"):
+        lr_blocks({"flat_epoch": 29})
+    assert lr_blocks({"lr_scheduler": {"type": "MultiStepLR"}}) == ({"type": "MultiStepLR"}, None)

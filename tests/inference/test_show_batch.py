@@ -1,4 +1,4 @@
-"""--show-batch with DEIM's recipe: pictures from the first epoch that mixes, MixUp weights written on boxes."""
+"""--show-batch with DEIM's recipe: pictures from the first epoch that mixes, MixUp weights on the boxes."""
 
 from __future__ import annotations
 
