@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import dfine
+from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
 from dfine.config.stage_two import resolve_stage_two
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +116,23 @@ def test_layout_equals_deims_own_model_live(deim: Path, size: str) -> None:
     theirs = json.loads(result.stdout.strip().splitlines()[-1])
     ours = layout(build(f"configs/deim/deim_hgnetv2_{size}_coco.yml"))
     assert ours == (theirs["params"], theirs["state_numel"], theirs["num_keys"], theirs["keys_sha"])
+
+
+@pytest.mark.deim
+def test_a_deim_checkpoint_loads_strictly_into_the_deim_config_model(deim: Path, tmp_path: Path) -> None:
+    path = tmp_path / "deim_n.pth"
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "deim_layout.py"),
+        "n",
+        "--deim",
+        str(deim),
+        "--save",
+        str(path),
+    ]
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    state, _ = extract_model_state(load_checkpoint(path), prefer_ema=True)
+    model = dfine.build_model(dfine.load_config(ROOT / "configs/deim/deim_hgnetv2_n_coco.yml"))
+    load_weights_strict(model, state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
