@@ -102,7 +102,7 @@ def test_every_value_the_builder_provides_fails_at_load_when_set_inside_its_bloc
         ("lr_scheduler.milestone=[1]", r"lr_scheduler\.milestone is not an argument of MultiStepLR"),
         (
             "lr_scheduler.type=LinearWarmup",
-            r"unknown lr scheduler type.*FlatCosineLR, FlatCosineLRScheduler, Mul",
+            r"unknown lr scheduler type.*FlatCosineLR, FlatCosineLRScheduler, MultiStepLR",
         ),
         ("lr_warmup_scheduler.warmup_duratoin=3", r"Did you mean 'warmup_duration'"),
         ("ema.type=EMA", r"unknown ema type 'EMA'\..*Registered ema types: ModelEMA"),
