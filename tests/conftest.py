@@ -39,3 +39,16 @@ def original() -> Path:
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def deim() -> Path:
+    """Path of the DEIM checkout named by env ``DEIM_DIR``, put on ``sys.path`` (only the variable counts, as
+    for ``original``). Mark such tests ``@pytest.mark.deim``."""
+    value = os.environ.get("DEIM_DIR")
+    path = Path(value).expanduser().resolve() if value else None
+    if path is None or not (path / "engine" / "deim" / "deim_criterion.py").is_file():
+        pytest.skip("DEIM checkout not found: set DEIM_DIR")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    return path

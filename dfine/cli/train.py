@@ -102,12 +102,12 @@ def check_data(cfg: Config, mode: str = "header") -> int:
 
 def show_batches(cfg: Config, num_batches: int) -> int:
     from dfine.data import build_dataloader
-    from dfine.inference.show_batch import save_batch_pictures
+    from dfine.inference.show_batch import first_mixing_epoch, save_batch_pictures
 
     loader = build_dataloader(
         cfg["train_dataloader"], split="train", seed=cfg.get("seed") or 0, num_classes=cfg.get("num_classes")
     )
-    loader.set_epoch(0)
+    loader.set_epoch(first_mixing_epoch(loader))  # DEIM's recipe composes images only from its second stage
     out_dir = Path(cfg.get("output_dir") or "./output/run") / "batches"
     for path in save_batch_pictures(loader, num_batches, out_dir):
         print(f"wrote {path}")

@@ -65,6 +65,12 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "optimizer": (_MAP, "{type: AdamW, lr: 0.0002, params: [...]}"),
     "lr_scheduler": (_MAP, "{type: MultiStepLR, milestones: [500], gamma: 0.1}"),
     "lr_warmup_scheduler": (_MAP, "{type: LinearWarmup, warmup_duration: 500}"),
+    # DEIM's schedule as its configs write it (dfine.engine.schedules.lr_blocks turns it into a block)
+    "lrsheduler": (_STR, "flatcosine"),
+    "lr_gamma": (_FLOAT, "0.5"),
+    "warmup_iter": (_INT, "2000"),
+    "flat_epoch": (_INT, "29"),
+    "no_aug_epoch": (_INT, "8"),
     "clip_max_norm": (_FLOAT, "0.1"),
     "checkpoint_freq": (_INT, "12"),
     "print_freq": (_INT, "100"),

@@ -3,9 +3,12 @@
 Stage 2 is the last part of training: strong augmentation and multi-scale switch off, the best stage-1 weights
 are reloaded and the EMA restarts. The original configs write its epoch twice,
 ``train_dataloader.collate_fn.stop_epoch`` (multi-scale off) and
-``train_dataloader.dataset.transforms.policy.epoch`` (augmentation off); both are accepted and must agree
-when both are set. The EMA decay after the restart belongs in the ema block (``ema.restart_decay``, a
-``ModelEMA`` argument); the original's ``train_dataloader.collate_fn.ema_restart_decay`` is still read.
+``train_dataloader.dataset.transforms.policy.epoch`` (augmentation off; with DEIM's three-epoch policy
+``[start, mosaic_stop, stop]`` its last entry); both are accepted and must agree when both are set. DEIM
+keeps D-FINE's stage-2 mechanics unchanged (best stage-1 reload, EMA restart, multi-scale stop, all at
+``stop_epoch``), so both recipes share this one resolver. The EMA decay after the restart belongs in the ema
+block (``ema.restart_decay``, a ``ModelEMA`` argument); the original's
+``train_dataloader.collate_fn.ema_restart_decay`` is still read.
 
 :func:`resolve_stage_two` is the one reader of these keys; :func:`dfine.config.validate_config` runs its
 checks (:func:`check_stage_two`), so a config whose places disagree fails when it is loaded.
@@ -68,6 +71,9 @@ def _where(cfg: Mapping[str, Any], path: str) -> str:
 def _epoch(cfg: Mapping[str, Any]) -> int | None:
     found = {path: _get(cfg, path) for path in EPOCH_KEYS}
     found = {path: value for path, value in found.items() if value is not None}
+    policy = EPOCH_KEYS[1]
+    if isinstance(found.get(policy), list) and found[policy]:
+        found[policy] = found[policy][-1]  # DEIM's stages: the last one is the no-aug stage 2
     for path, value in found.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(

@@ -173,6 +173,8 @@ def build_dataloader(
     collate_fn = COLLATORS.build(
         block.get("collate_fn") or _LOADER_KEYS["collate_fn"], where=f"{where}.collate_fn"
     )
+    if split != "train":
+        _refuse_mixing(transforms, collate_fn, where)
     if hasattr(dataset, "reseeder"):
         dataset.reseeder.seed = mix_seed(seed, rank, 0x5EED)
 
@@ -217,3 +219,17 @@ def build_dataloader(
 def _key(where: str) -> str:
     """``file.yml: train_dataloader`` -> ``train_dataloader`` (the dotted key for a ``-u`` override)."""
     return where.rsplit(": ", 1)[-1] if where else "train_dataloader"
+
+
+def _refuse_mixing(transforms: Any, collate_fn: Any, where: str) -> None:
+    """Mosaic and MixUp blend images and their boxes: a mixed batch must never be evaluated."""
+    if "Mosaic" in getattr(transforms, "op_names", ()):
+        raise ConfigError(
+            f"{where}.dataset.transforms: Mosaic is a training augmentation; remove it from the evaluation "
+            "pipeline (it would score composed images against their mixed boxes)."
+        )
+    if getattr(collate_fn, "mixup_prob", 0.0) > 0:
+        raise ConfigError(
+            f"{where}.collate_fn.mixup_prob: MixUp is a training augmentation; set it to 0 (or remove it) "
+            "for evaluation."
+        )

@@ -80,7 +80,8 @@ class Mosaic(T.Transform):
 
     def forward(self, *inputs: Any) -> Any:
         image, target, dataset = inputs if len(inputs) == 3 else (*inputs, None)
-        if random.random() >= self.probability:
+        # no draw at probability 1, as DEIM, so a seed gives its sequence of samples
+        if self.probability < 1.0 and random.random() > self.probability:
             return image, target
         if not isinstance(image, Image.Image):
             raise TypeError("Mosaic works on PIL images: put it before ConvertPILImage in ops.")

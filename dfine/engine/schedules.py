@@ -9,6 +9,14 @@ The config keeps the original D-FINE blocks:
     lr_scheduler: {type: FlatCosineLR, flat_epochs: 40, min_lr_ratio: 0.05}
     lr_warmup_scheduler: {type: LinearWarmup, warmup_duration: 2000}
 
+and DEIM's schedule, which brings its own (quadratic) warm-up, so it takes no ``lr_warmup_scheduler``:
+
+.. code-block:: yaml
+
+    lr_scheduler: {type: FlatCosineLRScheduler, lr_gamma: 0.5, warmup_iter: 2000, flat_epochs: 29,
+                   no_aug_epochs: 8}
+    lr_warmup_scheduler: null
+
 Every group's lr is ``base_lr * warmup(step) * decay(step, epoch)``, a pure function of two counters: resuming
 restores the counters and gives the same lr bit for bit, whatever happened in between.
 """
@@ -27,7 +35,19 @@ from dfine.config.build import build_block
 from dfine.config.registry import LR_SCHEDULERS, LR_WARMUPS, ConfigError
 from dfine.config.schema import block_spec
 
-__all__ = ["FlatCosineLR", "LRSchedule", "LinearWarmup", "MultiStepLR", "build_lr_schedule"]
+__all__ = [
+    "FlatCosineLR",
+    "FlatCosineLRScheduler",
+    "LRSchedule",
+    "LinearWarmup",
+    "MultiStepLR",
+    "build_lr_schedule",
+    "lr_blocks",
+]
+
+# DEIM's top-level schedule keys (beside ``lrsheduler: flatcosine``, sic) -> FlatCosineLRScheduler arguments
+DEIM_LR_KEYS = {"lr_gamma": "lr_gamma", "warmup_iter": "warmup_iter", "flat_epoch": "flat_epochs",
+                "no_aug_epoch": "no_aug_epochs"}  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +142,64 @@ class FlatCosineLR:
         }
 
 
+@LR_SCHEDULERS.register()
+class FlatCosineLRScheduler:
+    """DEIM's schedule over global steps ``k``: quadratic warm-up, flat, half cosine, then flat at the floor.
+
+    With ``W = warmup_iter``, and ``F = flat_epochs``, ``T = epochs``, ``A = no_aug_epochs`` in steps, the
+    factor on each group's base lr is ``(k / W) ** 2`` for ``k <= W``, 1 up to ``F``, ``lr_gamma`` from
+    ``T - A`` on, and between them ``lr_gamma + (1 - lr_gamma) * (1 + cos(pi * (k - F) / (T - F - A))) / 2``.
+
+    Args:
+        lr_gamma: final lr as a fraction of each group's base lr (DEIM: 0.5; 1.0 keeps it flat).
+        warmup_iter: steps of quadratic warm-up (0: none).
+        flat_epochs: epochs (warm-up included) at full lr; DEIM's ``flat_epoch``.
+        no_aug_epochs: last epochs at the floor ``lr_gamma`` (DEIM's no-augmentation stage);
+            DEIM's ``no_aug_epoch``.
+    """
+
+    includes_warmup = True
+
+    def __init__(
+        self, lr_gamma: float = 1.0, warmup_iter: int = 0, flat_epochs: int = 0, no_aug_epochs: int = 0
+    ) -> None:
+        for name, value in (("warmup_iter", warmup_iter), ("flat_epochs", flat_epochs),
+                            ("no_aug_epochs", no_aug_epochs)):  # fmt: skip
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"lr_scheduler.{name} must be an int >= 0, got {value!r}")
+        if not 0.0 <= lr_gamma <= 1.0:
+            raise ConfigError(f"lr_scheduler.lr_gamma must be in [0, 1], got {lr_gamma}; DEIM uses 0.5")
+        self.lr_gamma = float(lr_gamma)
+        self.warmup_iter = warmup_iter
+        self.flat_epochs = flat_epochs
+        self.no_aug_epochs = no_aug_epochs
+        self.total_steps = self.flat_steps = self.no_aug_steps = 0
+
+    def bind(self, steps_per_epoch: int, epochs: int) -> None:
+        self.total_steps = steps_per_epoch * epochs
+        self.flat_steps = steps_per_epoch * self.flat_epochs
+        self.no_aug_steps = steps_per_epoch * self.no_aug_epochs
+
+    def factor(self, step: int, epoch: int) -> float:
+        if step <= self.warmup_iter:
+            return 1.0 if self.warmup_iter == 0 else (step / self.warmup_iter) ** 2
+        if step <= self.flat_steps:
+            return 1.0
+        if step >= self.total_steps - self.no_aug_steps:
+            return self.lr_gamma
+        progress = (step - self.flat_steps) / (self.total_steps - self.flat_steps - self.no_aug_steps)
+        return self.lr_gamma + (1.0 - self.lr_gamma) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def describe(self, steps_per_epoch: int) -> dict[str, Any]:
+        return {
+            "type": "FlatCosineLRScheduler",
+            "warmup_iter": self.warmup_iter,
+            "cosine_start_step": self.flat_steps,
+            "floor_from_step": self.total_steps - self.no_aug_steps,
+            "lr_gamma": self.lr_gamma,
+        }
+
+
 class LRSchedule:
     """The trainer's single lr object: set each group's lr from the step and epoch counters.
 
@@ -141,7 +219,7 @@ class LRSchedule:
         optimizer: torch.optim.Optimizer,
         steps_per_epoch: int,
         epochs: int,
-        decay: MultiStepLR | FlatCosineLR | None = None,
+        decay: MultiStepLR | FlatCosineLR | FlatCosineLRScheduler | None = None,
         warmup: LinearWarmup | None = None,
     ) -> None:
         if steps_per_epoch <= 0 or epochs <= 0:
@@ -151,7 +229,7 @@ class LRSchedule:
         self.epochs = int(epochs)
         self.decay = decay
         self.warmup = warmup
-        if isinstance(decay, FlatCosineLR):
+        if isinstance(decay, FlatCosineLR | FlatCosineLRScheduler):
             decay.bind(self.steps_per_epoch, self.epochs)
         self.base_lrs = [
             float(group.setdefault("initial_lr", group["lr"])) for group in optimizer.param_groups
@@ -266,4 +344,41 @@ def build_lr_schedule(
     """
     decay = None if lr_scheduler is None else _build("lr_scheduler", lr_scheduler)
     warmup = None if lr_warmup_scheduler is None else _build("lr_warmup_scheduler", lr_warmup_scheduler)
+    if warmup is not None and getattr(decay, "includes_warmup", False):
+        raise ConfigError(
+            f"lr_scheduler {type(decay).__name__} has its own warm-up (warmup_iter); set "
+            "lr_warmup_scheduler: null (DEIM ignores it too) or use another lr_scheduler."
+        )
     return LRSchedule(optimizer, steps_per_epoch, epochs, decay=decay, warmup=warmup)
+
+
+def lr_blocks(cfg: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """The ``(lr_scheduler, lr_warmup_scheduler)`` blocks of a config, DEIM's top-level keys included.
+
+    DEIM's configs write ``lrsheduler: flatcosine`` with ``lr_gamma``, ``warmup_iter``, ``flat_epoch`` and
+    ``no_aug_epoch`` at the top level; they are accepted as the block ``{type: FlatCosineLRScheduler, ...}``.
+
+    Raises:
+        ConfigError: DEIM's keys together with an ``lr_scheduler`` / ``lr_warmup_scheduler`` block (two
+            schedules; keep one), DEIM's keys without ``lrsheduler``, or another ``lrsheduler`` value.
+    """
+    given = [key for key in DEIM_LR_KEYS if cfg.get(key) is not None]
+    name = cfg.get("lrsheduler")
+    if name is None:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} set DEIM's lr schedule, which needs lrsheduler: flatcosine beside them "
+                "(or use lr_scheduler: {type: FlatCosineLRScheduler, ...})."
+            )
+        return cfg.get("lr_scheduler"), cfg.get("lr_warmup_scheduler")
+    if name != "flatcosine":
+        raise ConfigError(f"lrsheduler: DEIM's only schedule is 'flatcosine', got {name!r}.")
+    blocks = [key for key in ("lr_scheduler", "lr_warmup_scheduler") if cfg.get(key) is not None]
+    if blocks:
+        raise ConfigError(
+            f"lrsheduler: flatcosine and {' and '.join(blocks)} both set a schedule; keep one (set "
+            f"{': null, '.join(blocks)}: null to use DEIM's top-level keys)."
+        )
+    block = {"type": "FlatCosineLRScheduler"}
+    block.update({DEIM_LR_KEYS[key]: cfg[key] for key in given})
+    return block, None

@@ -27,7 +27,7 @@ from dfine.engine.ema import ModelEMA, build_ema
 from dfine.engine.optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
 from dfine.engine.precision import build_grad_scaler, choose_precision
 from dfine.engine.run_state import RunCheckpoints, RunState, seed_everything
-from dfine.engine.schedules import LRSchedule, build_lr_schedule
+from dfine.engine.schedules import LRSchedule, build_lr_schedule, lr_blocks
 from dfine.engine.step import TrainStep
 from dfine.evaluation.coco_evaluator import CocoEvaluator, build_evaluator
 
@@ -349,9 +349,7 @@ def _build_optimization(
     optimizer = build_optimizer(model, cfg["optimizer"], groups)
     logger.info("optimizer groups:\n%s", group_summary(groups, optimizer))
     steps_per_epoch = max(1, batches_per_epoch // int(cfg.get("grad_accum_steps") or 1))
-    lr_schedule = build_lr_schedule(
-        optimizer, cfg.get("lr_scheduler"), cfg.get("lr_warmup_scheduler"), steps_per_epoch, epochs
-    )
+    lr_schedule = build_lr_schedule(optimizer, *lr_blocks(cfg), steps_per_epoch, epochs)
     return optimizer, lr_schedule
 
 

@@ -16,7 +16,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from dfine.ops.box_ops import box_cxcywh_to_xyxy
 
-__all__ = ["draw_batch", "save_batch_pictures"]
+__all__ = ["draw_batch", "first_mixing_epoch", "save_batch_pictures"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def draw_batch(
 
     Args:
         images: float32 [B, 3, H, W] in 0..1.
-        targets: B dicts with ``boxes`` [N, 4] cxcywh normalised to 0..1 and ``labels`` [N].
+        targets: B dicts with ``boxes`` [N, 4] cxcywh normalised to 0..1 and ``labels`` [N]; a MixUp batch's
+            ``mixup`` [N] weights are written after each name (``circle 0.47``).
         names: class names indexed by label (the dataset's ``label_map.names``); None writes label numbers.
 
     Returns:
@@ -45,10 +46,25 @@ def draw_batch(
         text = [
             names[label] if names is not None and 0 <= label < len(names) else str(label) for label in labels
         ]
+        if "mixup" in target:
+            text = [f"{name} {float(weight):.2f}" for name, weight in zip(text, target["mixup"], strict=True)]
         colours = [_PALETTE[label % len(_PALETTE)] for label in labels]
         pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
         pictures.append(draw_bounding_boxes(pixels, xyxy, labels=text, colors=colours, width=2))
     return make_grid(pictures, nrow=max(1, math.ceil(math.sqrt(len(pictures)))), padding=4)
+
+
+def first_mixing_epoch(loader: Any) -> int:
+    """The first epoch whose batches can hold Mosaic or MixUp (0 when neither is configured), so
+    ``--show-batch`` draws the images DEIM's recipe actually composes."""
+    epochs = []
+    policy = getattr(getattr(getattr(loader, "dataset", None), "transforms", None), "policy", None) or {}
+    if isinstance(policy.get("epoch"), list):
+        epochs.append(policy["epoch"][0])
+    collate = getattr(loader, "collate_fn", None)
+    if getattr(collate, "mixup_prob", 0.0) > 0:
+        epochs.append(collate.mixup_epochs[0])
+    return max(0, min(epochs)) if epochs else 0
 
 
 def save_batch_pictures(loader: Iterable[Any], num_batches: int, out_dir: str | os.PathLike) -> list[Path]:

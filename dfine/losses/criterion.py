@@ -38,11 +38,12 @@ from dfine.losses.output_terms import (
 from dfine.losses.pairs import Matching, Pairs, denoising_matches, to_device, union_of_matches
 from dfine.ops.box_ops import box_cxcywh_to_xyxy
 
-__all__ = ["DFINECriterion"]
+__all__ = ["DEIMCriterion", "DFINECriterion"]
 
 # loss name in `losses` -> the weight_dict keys it produces
 _LOSS_KEYS = {
     "vfl": ("loss_vfl",),
+    "mal": ("loss_mal",),
     "focal": ("loss_focal",),
     "boxes": ("loss_bbox", "loss_giou"),
     "local": ("loss_fgl", "loss_ddf"),
@@ -60,8 +61,8 @@ class DFINECriterion(nn.Module):
             config's ``matcher`` block first and passes it here).
         weight_dict: weight of each term, e.g. ``{loss_vfl: 1, loss_bbox: 5, loss_giou: 2, loss_fgl: 0.15,
             loss_ddf: 1.5}``; terms without a weight are not returned.
-        losses: which losses to compute: ``vfl`` or ``focal`` (classification), ``boxes`` (L1 + GIoU),
-            ``local`` (FGL + DDF).
+        losses: which losses to compute: ``vfl``, ``mal`` or ``focal`` (classification), ``boxes``
+            (L1 + GIoU), ``local`` (FGL + DDF).
         alpha, gamma: focal parameters of the class loss (D-FINE: 0.75, 2.0).
         num_classes: number of classes C (passed by the builder).
         reg_max: number of bin intervals per edge (R - 1), as in the decoder.
@@ -105,10 +106,23 @@ class DFINECriterion(nn.Module):
         self.reg_max = reg_max
         self.boxes_weight_format = boxes_weight_format
         self.share_matched_indices = share_matched_indices
+        # D-FINE always supervises boxes on the union of matches; DEIMCriterion makes it a setting
+        self.use_uni_set = True
+        self.mal_alpha: float | None = None
 
     @property
     def _settings(self) -> LossSettings:
-        return LossSettings(self.losses, self.alpha, self.gamma, self.reg_max, self.boxes_weight_format)
+        return LossSettings(
+            self.losses, self.alpha, self.gamma, self.reg_max, self.boxes_weight_format, self.mal_alpha
+        )
+
+    def _box_supervision(
+        self, matching: Matching, name: str, norms: tuple[float, float]
+    ) -> tuple[Pairs, float, float]:
+        """(box pairs, class norm, box norm) of output ``name``: the union (GO-LSD) or its own match."""
+        if self.use_uni_set:
+            return matching.union, *norms
+        return matching.own[name], norms[0], norms[0]
 
     def extra_repr(self) -> str:
         return f"losses={list(self.losses)}, weight_dict={self.weight_dict}, num_classes={self.num_classes}"
@@ -219,12 +233,15 @@ class DFINECriterion(nn.Module):
         """Final layer (no suffix) and earlier decoder layers (``_aux_i``): class terms on each layer's own
         match, box and localization terms on the union."""
         # all decoder layers decode from the same reference points: the final layer's FGL targets serve all
-        fgl = self._fgl(outputs, matching.union, context)
+        # (on the union; without it each layer's own pairs need their own targets)
+        fgl = self._fgl(outputs, matching.union, context) if self.use_uni_set else None
         layers = [("", "main", outputs)]
         layers += [(f"_aux_{i}", f"aux_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", ()))]
         losses = {}
         for suffix, name, layer in layers:
-            supervision = Supervision(matching.own[name], matching.union, *norms, fgl=fgl)
+            box_pairs, class_norm, box_norm = self._box_supervision(matching, name, norms)
+            layer_fgl = fgl if self.use_uni_set else self._fgl(outputs, box_pairs, context)
+            supervision = Supervision(matching.own[name], box_pairs, class_norm, box_norm, fgl=layer_fgl)
             losses.update(self._terms(layer, supervision, context, suffix))
         return losses
 
@@ -238,7 +255,8 @@ class DFINECriterion(nn.Module):
         """The pre-decoder head (``_pre``): its own match for classes, the union for boxes."""
         if "pre_outputs" not in outputs:
             return {}
-        supervision = Supervision(matching.own["pre"], matching.union, *norms)
+        box_pairs, class_norm, box_norm = self._box_supervision(matching, "pre", norms)
+        supervision = Supervision(matching.own["pre"], box_pairs, class_norm, box_norm)
         return self._terms(outputs["pre_outputs"], supervision, context, "_pre")
 
     def _enc_losses(
@@ -252,7 +270,10 @@ class DFINECriterion(nn.Module):
         labels = torch.zeros_like(context.labels) if _class_agnostic(outputs) else None
         losses = {}
         for i, enc in enumerate(outputs.get("enc_aux_outputs", ())):
-            supervision = Supervision(matching.own[f"enc_{i}"], matching.union, *norms, labels=labels)
+            box_pairs, class_norm, box_norm = self._box_supervision(matching, f"enc_{i}", norms)
+            supervision = Supervision(
+                matching.own[f"enc_{i}"], box_pairs, class_norm, box_norm, labels=labels
+            )
             losses.update(self._terms(enc, supervision, context, f"_enc_{i}"))
         return losses
 
@@ -303,6 +324,42 @@ class DFINECriterion(nn.Module):
                 zero = layer[tensor].float().sum() * 0.0
                 losses.update({key + suffix: zero for key in _LOSS_KEYS[name] if key in self.weight_dict})
         return losses
+
+
+@LOSSES.register()
+class DEIMCriterion(DFINECriterion):
+    """DEIM's loss: D-FINE's, plus the Matchability-Aware Loss (``mal``) and a switch for the union set.
+
+    DEIM's configs use ``losses: [mal, boxes, local]``, ``weight_dict: {loss_mal: 1, loss_bbox: 5,
+    loss_giou: 2, loss_fgl: 0.15, loss_ddf: 1.5}`` and ``gamma: 1.5``. Arguments as
+    :class:`DFINECriterion`, plus:
+
+    Args:
+        mal_alpha: factor on MAL's negative weight (None: 1).
+        use_uni_set: supervise box and localization terms on the union of all layers' matches (GO-LSD, as
+            D-FINE); False: each output on its own match, normalised by the number of targets.
+    """
+
+    def __init__(
+        self,
+        matcher: nn.Module,
+        weight_dict: Mapping[str, float],
+        losses: Sequence[str],
+        alpha: float = 0.2,
+        gamma: float = 2.0,
+        num_classes: int = 80,
+        reg_max: int = 32,
+        boxes_weight_format: str | None = None,
+        share_matched_indices: bool = False,
+        mal_alpha: float | None = None,
+        use_uni_set: bool = True,
+    ) -> None:
+        super().__init__(
+            matcher, weight_dict, losses, alpha, gamma, num_classes, reg_max, boxes_weight_format,
+            share_matched_indices,
+        )  # fmt: skip
+        self.mal_alpha = None if mal_alpha is None else float(mal_alpha)
+        self.use_uni_set = bool(use_uni_set)
 
 
 def _check_losses(losses: Sequence[str], weight_dict: Mapping[str, float]) -> None:

@@ -4,9 +4,9 @@ Matched pairs are given as flat index tensors over the batch: ``batch_index``, `
 pick predictions, and the matching targets' values are passed in already gathered. Every function computes in
 float32 (inputs are upcast) and returns an *unweighted* scalar; the criterion applies ``weight_dict``.
 
-The formulas follow D-FINE (Peng et al., 2024): varifocal loss with IoU targets, L1 + GIoU on boxes, the
-Fine-Grained Localization loss on the per-edge bin distributions and the Decoupled Distillation Focal loss
-that distils the last decoder layer into the earlier ones (GO-LSD).
+The formulas follow D-FINE (Peng et al., 2024): varifocal loss with IoU targets (or DEIM's matchability-aware
+loss), L1 + GIoU on boxes, the Fine-Grained Localization loss on the per-edge bin distributions and the
+Decoupled Distillation Focal loss that distils the last decoder layer into the earlier ones (GO-LSD).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "box_losses",
     "decoupled_distillation_loss",
     "fine_grained_localization_loss",
+    "matchability_aware_loss",
     "sigmoid_focal_loss",
     "varifocal_loss",
 ]
@@ -61,6 +62,46 @@ def varifocal_loss(
     weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - target) + target_score
     loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
     # mean over queries times Q keeps the original's summation order (and so its rounding)
+    return loss.mean(1).sum() * logits.shape[1] / num_boxes
+
+
+def matchability_aware_loss(
+    logits: Tensor,
+    batch_index: Tensor,
+    query_index: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    num_boxes: float,
+    gamma: float,
+    alpha: float | None = None,
+) -> Tensor:
+    """Matchability-Aware Loss (DEIM, Huang et al., 2025): VFL with the IoU target raised to ``gamma``.
+
+    Positives are pulled towards ``iou ** gamma`` with weight 1 (VFL weighs them by the IoU itself, which
+    starves the low-IoU matches Dense O2O creates); negatives keep the focal weight
+    ``sigmoid(logit) ** gamma``, times ``alpha`` when given.
+
+    Args:
+        logits: [B, Q, C] class logits.
+        batch_index, query_index: [K] the matched predictions (each query at most once).
+        labels: [K] int64 class of each matched target.
+        scores: [K] IoU of each match with its target, detached.
+        num_boxes: normaliser (number of target boxes, averaged over ranks, >= 1).
+        gamma: exponent of the target and of the negatives' weight (DEIM: 1.5).
+        alpha: optional factor on the negatives' weight (DEIM's ``mal_alpha``; None: 1).
+
+    Returns:
+        Scalar loss.
+    """
+    logits = logits.float()
+    target = _one_hot_targets(logits, batch_index, query_index, labels)
+    target_score = torch.zeros_like(logits)
+    target_score[batch_index, query_index, labels] = scores.to(logits.dtype).pow(gamma)
+    negative_weight = logits.detach().sigmoid().pow(gamma) * (1 - target)
+    if alpha is not None:
+        negative_weight = alpha * negative_weight
+    weight = negative_weight + target
+    loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
     return loss.mean(1).sum() * logits.shape[1] / num_boxes
 
 

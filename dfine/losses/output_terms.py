@@ -17,6 +17,7 @@ from dfine.losses.loss_terms import (
     box_losses,
     decoupled_distillation_loss,
     fine_grained_localization_loss,
+    matchability_aware_loss,
     sigmoid_focal_loss,
     varifocal_loss,
 )
@@ -41,6 +42,7 @@ class LossSettings:
     gamma: float
     reg_max: int
     boxes_weight_format: str | None
+    mal_alpha: float | None = None
 
 
 @dataclass
@@ -99,7 +101,7 @@ def fgl_targets(
 def output_terms(
     output: Mapping[str, Tensor], supervision: Supervision, context: BatchContext, settings: LossSettings
 ) -> dict[str, Tensor]:
-    """Unweighted terms (``loss_vfl``/``loss_focal``, ``loss_bbox``, ``loss_giou``, ``loss_fgl``,
+    """Unweighted terms (``loss_vfl``/``loss_mal``/``loss_focal``, ``loss_bbox``, ``loss_giou``, ``loss_fgl``,
     ``loss_ddf``) of one output dict, for the losses in ``settings.losses`` the output supports."""
     box_pairs = supervision.box_pairs
     matched_boxes = output["pred_boxes"].float()[box_pairs.batch_index, box_pairs.query_index]  # [K, 4]
@@ -108,7 +110,7 @@ def output_terms(
     )
     terms: dict[str, Tensor] = {}
     for name in settings.losses:
-        if name in ("vfl", "focal"):
+        if name in ("vfl", "mal", "focal"):
             terms.update(_class_terms(name, output, supervision, context, settings, (iou, giou)))
         elif name == "boxes":
             weight = None
@@ -148,6 +150,9 @@ def _class_terms(
                 box_cxcywh_to_xyxy(matched), context.target_xyxy[pairs.target_index]
             )
     scores = (giou if settings.boxes_weight_format == "giou" else iou).detach()
+    if name == "mal":
+        args = (pairs.batch_index, pairs.query_index, labels, scores, supervision.class_norm)
+        return {"loss_mal": matchability_aware_loss(logits, *args, settings.gamma, settings.mal_alpha)}
     loss = varifocal_loss(
         logits,
         pairs.batch_index,

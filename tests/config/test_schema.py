@@ -100,7 +100,10 @@ def test_every_value_the_builder_provides_fails_at_load_when_set_inside_its_bloc
         ("optimizer.lrr=1", r"optimizer\.lrr is not an argument of AdamW\. Did you mean 'lr'"),
         ("optimizer.type=AdamV", r"unknown optimizer type 'AdamV'\..*optimizer types: Adam, AdamW, SGD"),
         ("lr_scheduler.milestone=[1]", r"lr_scheduler\.milestone is not an argument of MultiStepLR"),
-        ("lr_scheduler.type=LinearWarmup", r"unknown lr scheduler type.*FlatCosineLR, MultiStepLR"),
+        (
+            "lr_scheduler.type=LinearWarmup",
+            r"unknown lr scheduler type.*FlatCosineLR, FlatCosineLRScheduler, MultiStepLR",
+        ),
         ("lr_warmup_scheduler.warmup_duratoin=3", r"Did you mean 'warmup_duration'"),
         ("ema.type=EMA", r"unknown ema type 'EMA'\..*Registered ema types: ModelEMA"),
         ("ema.decai=0.9", r"ema\.decai is not an argument of ModelEMA\. Did you mean 'decay'"),

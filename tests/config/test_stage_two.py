@@ -134,3 +134,16 @@ def test_the_note_on_the_old_restart_decay_place_comes_once_when_used_not_at_eve
         assert "now belongs" not in caplog.text, "loading (dfine-eval, dfine-predict) must not repeat it"
         resolve_stage_two(cfg)
     assert caplog.text.count("now belongs") == 1
+
+
+def test_deims_three_epoch_policy_gives_stage_two_at_its_last_epoch() -> None:
+    cfg = {
+        "train_dataloader": {
+            "collate_fn": {"stop_epoch": 50},
+            "dataset": {"transforms": {"policy": {"epoch": [4, 29, 50]}}},
+        }
+    }
+    assert resolve_stage_two(cfg).epoch == 50
+    cfg["train_dataloader"]["collate_fn"]["stop_epoch"] = 29  # the mosaic stop is no stage-2 epoch
+    with pytest.raises(ConfigError, match="disagree"):
+        resolve_stage_two(cfg)

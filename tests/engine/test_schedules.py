@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from dfine.config.registry import LR_SCHEDULERS, LR_WARMUPS, ConfigError
-from dfine.engine.schedules import FlatCosineLR, LinearWarmup, LRSchedule, MultiStepLR, build_lr_schedule
+from dfine.engine.schedules import (
+    FlatCosineLR,
+    FlatCosineLRScheduler,
+    LinearWarmup,
+    LRSchedule,
+    MultiStepLR,
+    build_lr_schedule,
+    lr_blocks,
+)
 
 
 def make_optimizer(*lrs: float) -> torch.optim.Optimizer:
@@ -112,10 +120,9 @@ def test_unknown_scheduler_type_is_a_config_error_with_a_suggestion():
 
 
 def test_schedules_are_looked_up_in_their_registries_so_a_warmup_is_no_lr_scheduler():
-    assert LR_SCHEDULERS.names == ["FlatCosineLR", "MultiStepLR"] and LR_WARMUPS.names == ["LinearWarmup"]
-    with pytest.raises(
-        ConfigError, match=r"unknown lr scheduler type 'LinearWarmup'.*FlatCosineLR, MultiStepLR"
-    ):
+    names = ["FlatCosineLR", "FlatCosineLRScheduler", "MultiStepLR"]
+    assert LR_SCHEDULERS.names == names and LR_WARMUPS.names == ["LinearWarmup"]
+    with pytest.raises(ConfigError, match=r"unknown lr scheduler type 'LinearWarmup'.*" + ", ".join(names)):
         build_lr_schedule(make_optimizer(0.1), {"type": "LinearWarmup", "warmup_duration": 2}, None, 1, 1)
     with pytest.raises(ConfigError, match=r"lr_warmup_scheduler: bad arguments for LinearWarmup.*missing"):
         build_lr_schedule(make_optimizer(0.1), None, {"type": "LinearWarmup"}, 1, 1)
@@ -156,3 +163,72 @@ def test_matches_the_original_warmup_and_multistep_when_warmup_ends_in_the_first
     assert len(ours) == len(expected) == 20
     for step, (mine, theirs) in enumerate(zip(ours, expected, strict=True)):
         assert mine == pytest.approx(theirs, rel=1e-12), f"step {step}"
+
+
+# ------------------------------------------------------------------------------------ DEIM's flat-cosine
+def deim_schedule(**kwargs: float) -> LRSchedule:
+    args = {"lr_gamma": 0.5, "warmup_iter": 2, "flat_epochs": 2, "no_aug_epochs": 1, **kwargs}
+    return LRSchedule(make_optimizer(1.0), 4, 5, decay=FlatCosineLRScheduler(**args))
+
+
+def test_deim_flat_cosine_warms_up_quadratically_stays_flat_decays_and_ends_at_the_floor():
+    # 4 steps x 5 epochs: warm-up to step 2, flat to step 8 (2 epochs), cosine over steps 9..15, floor 16..19
+    cosine = [0.5 + 0.25 * (1 + math.cos(math.pi * (k - 8) / 8)) for k in range(9, 16)]
+    expected = [0.0, 0.25, 1.0, 1, 1, 1, 1, 1, 1, *cosine, 0.5, 0.5, 0.5, 0.5]
+    assert lr_per_step(deim_schedule(), 5) == pytest.approx(expected, rel=1e-12)
+    # lr_gamma 1 (DEIM's N) keeps the lr flat after the warm-up
+    assert set(lr_per_step(deim_schedule(lr_gamma=1.0), 5)[3:]) == {1.0}
+
+
+def test_deim_schedule_refuses_a_second_warmup_and_bad_values():
+    with pytest.raises(ConfigError, match="lr_warmup_scheduler: null"):
+        build_lr_schedule(
+            make_optimizer(0.1),
+            {"type": "FlatCosineLRScheduler", "warmup_iter": 10},
+            {"type": "LinearWarmup", "warmup_duration": 5},
+            steps_per_epoch=2,
+            epochs=2,
+        )
+    with pytest.raises(ConfigError, match="lr_gamma"):
+        FlatCosineLRScheduler(lr_gamma=2.0)
+    with pytest.raises(ConfigError, match="flat_epochs"):
+        FlatCosineLRScheduler(flat_epochs=-1)
+
+
+@pytest.mark.deim
+def test_deim_flat_cosine_equals_deims_own_schedule(deim):
+    from engine.optim.lr_scheduler import FlatCosineLRScheduler as DeimScheduler
+
+    steps_per_epoch, epochs = 7, 12
+    ours = LRSchedule(make_optimizer(0.2, 0.05), steps_per_epoch, epochs,
+                      decay=FlatCosineLRScheduler(0.5, 10, 5, 3))  # fmt: skip
+    theirs_optimizer = make_optimizer(0.2, 0.05)
+    for group in theirs_optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    theirs = DeimScheduler(theirs_optimizer, 0.5, steps_per_epoch, epochs, 10, 5, 3)
+    for step in range(steps_per_epoch * epochs):
+        theirs.step(step, theirs_optimizer)
+        for mine, other in zip(ours.get_last_lr(), theirs_optimizer.param_groups, strict=True):
+            assert mine == pytest.approx(other["lr"], rel=1e-12, abs=1e-15), step
+        ours.step()
+
+
+def test_deims_top_level_lr_keys_become_the_flat_cosine_block():
+    cfg = {
+        "lrsheduler": "flatcosine",
+        "lr_gamma": 0.5,
+        "warmup_iter": 2000,
+        "flat_epoch": 29,
+        "no_aug_epoch": 8,
+    }
+    block, warmup = lr_blocks(cfg)
+    assert warmup is None
+    assert block == {"type": "FlatCosineLRScheduler", "lr_gamma": 0.5, "warmup_iter": 2000, "flat_epochs": 29,
+                     "no_aug_epochs": 8}  # fmt: skip
+    schedule = build_lr_schedule(make_optimizer(1.0), block, warmup, steps_per_epoch=100, epochs=58)
+    assert isinstance(schedule.decay, FlatCosineLRScheduler) and schedule.decay.flat_steps == 2900
+    with pytest.raises(ConfigError, match="both set a schedule"):
+        lr_blocks({**cfg, "lr_scheduler": {"type": "MultiStepLR", "milestones": [500]}})
+    with pytest.raises(ConfigError, match="needs lrsheduler: flatcosine"):
+        lr_blocks({"flat_epoch": 29})
+    assert lr_blocks({"lr_scheduler": {"type": "MultiStepLR"}}) == ({"type": "MultiStepLR"}, None)
