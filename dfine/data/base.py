@@ -246,7 +246,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         epoch = self.epoch
         self.reseeder(epoch)
-        image, target = self._load_or_replace(index)
+        image, target = self.load_or_replace(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target, dataset=self, epoch=epoch)
             image, target = finalize_sample(image, target)
@@ -257,7 +257,7 @@ class DetectionDataset(Dataset):
         """Samples that failed to load since the last `set_epoch` (all loader workers together)."""
         return self.failures.total()
 
-    def _load_or_replace(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
+    def load_or_replace(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
         """`load_item`, or when the file cannot be read the next loadable sample (counted, see
         `SampleFailures`): a deterministic neighbour keeps the epoch reproducible."""
         for attempt in range(_MAX_REPLACEMENTS + 1):

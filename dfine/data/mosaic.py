@@ -105,7 +105,9 @@ class Mosaic(T.Transform):
         if dataset is None:
             raise ValueError("Mosaic(use_cache=False) needs the dataset to draw partner images from.")
         indices = random.choices(range(len(dataset)), k=3)
-        return [self.resize(*dataset.load_item(index)) for index in indices]
+        # a broken partner file is replaced and counted like the sample itself (see DetectionDataset)
+        load = getattr(dataset, "load_or_replace", dataset.load_item)
+        return [self.resize(*load(index)) for index in indices]
 
 
 def _tile(

@@ -88,3 +88,20 @@ def test_training_reports_failures_per_epoch_and_stops_past_the_threshold_with_l
     last = torch.load(tmp_path / "run" / "last.pth", map_location="cpu", weights_only=False)
     assert last["epoch"] == 1  # the finished epoch; nothing of the failed one was written over it
     assert "failed loads 1" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_broken_mosaic_partner_is_replaced_and_counted(tmp_path):
+    import random
+
+    from dfine.data.mosaic import Mosaic
+
+    dataset = _dataset(tmp_path, fraction=0.5)
+    random.seed(0)
+    partner = random.choices(range(len(dataset)), k=3)[0]  # the first partner Mosaic will draw
+    _break(dataset, partner)
+    dataset.set_epoch(0)
+    image, target = dataset.load_item(0 if partner else 1)
+    random.seed(0)
+    out_image, _ = Mosaic(output_size=32, probability=1.0, use_cache=False)(image, target, dataset)
+    assert out_image is not None
+    assert dataset.failed_samples == 1  # the broken partner was replaced by its neighbour and counted
