@@ -1,0 +1,99 @@
+"""kill -9 at seeded random moments, half of them inside a (slowed) checkpoint write: last.pth always loads,
+``-r auto`` always continues from it, and the temporary files of killed writes are cleaned up."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import time
+import traceback
+from pathlib import Path
+
+from trainer_helpers import tiny_config
+
+import dfine.checkpoint
+from dfine.checkpoint import load_checkpoint
+from dfine.data.synthetic import ensure_quickstart
+from dfine.engine.setup import build_training
+from dfine.engine.trainer import Trainer
+
+KILLS = 20
+WRITE_CHUNKS, CHUNK_PAUSE_S = 8, 0.02  # a checkpoint write takes >= 0.16 s: room to land a kill inside it
+
+
+def _slow_save(marker: Path):  # type: ignore[no-untyped-def]
+    """torch.save that writes in pauses, with ``marker`` present while a write is in progress."""
+    real_save = dfine.checkpoint.torch.save
+
+    def save(obj, handle):  # type: ignore[no-untyped-def]
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        marker.touch()
+        step = len(data) // WRITE_CHUNKS + 1
+        for start in range(0, len(data), step):
+            handle.write(data[start : start + step])
+            handle.flush()
+            time.sleep(CHUNK_PAUSE_S)
+        marker.unlink(missing_ok=True)
+
+    return save
+
+
+def _start_training(tmp_path: Path, data_root: Path, marker: Path) -> int:
+    """Fork a child that trains with ``-r auto`` until killed (the parent has torch and dfine imported)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        dfine.checkpoint.torch.save = _slow_save(marker)  # the child's copy of the module only
+        cfg = tiny_config(tmp_path / "run", data_root, "eval_interval=1000", epochs=1000)
+        Trainer(build_training(cfg, resume="auto")).fit()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def test_kill_9_at_random_moments_never_loses_last_pth(tmp_path: Path) -> None:
+    data_root = tmp_path / "data"
+    ensure_quickstart(data_root, split="train", num_images=4)
+    ensure_quickstart(data_root, split="val", num_images=2)
+    marker, last = tmp_path / "writing", tmp_path / "run" / "last.pth"
+    rng = random.Random(15)
+    epochs_seen, inside_writes = [], 0
+    for kill in range(KILLS):
+        marker.unlink(missing_ok=True)
+        pid = _start_training(tmp_path, data_root, marker)
+        if kill % 2 == 0:  # wait for a write to begin, then kill part-way through it
+            deadline = time.time() + 60
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, WRITE_CHUNKS * CHUNK_PAUSE_S * 0.8))
+        else:
+            time.sleep(rng.uniform(0.2, 2.5))
+        inside_writes += marker.exists()
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), f"kill {kill}: the training ended by itself (status {status})"
+        if last.exists():
+            checkpoint = load_checkpoint(last)  # raises if a kill left a partial file
+            epochs_seen.append(int(checkpoint["epoch"]))
+    assert inside_writes >= KILLS // 2 - 2, f"only {inside_writes} kills landed inside a checkpoint write"
+    assert epochs_seen == sorted(epochs_seen) and epochs_seen[-1] >= 2, epochs_seen
+    leftovers = list((tmp_path / "run").glob(".*.tmp-*"))
+    assert leftovers, "the kills inside writes should have left temporary files for the cleanup to remove"
+
+    saved_epoch = epochs_seen[-1]
+    cfg = tiny_config(tmp_path / "run", data_root, "eval_interval=1000", epochs=saved_epoch + 1)
+    trainer = Trainer(build_training(cfg, resume="auto"))
+    assert trainer.state.epoch == saved_epoch, "-r auto must continue from the newest last.pth"
+    trainer.fit()
+    assert load_checkpoint(last)["epoch"] == saved_epoch + 1
+    assert list((tmp_path / "run").glob(".*.tmp-*")) == [], (
+        "the next write must remove the killed writes' files"
+    )
