@@ -116,7 +116,7 @@ def load_image(path: str | os.PathLike, *, allow_truncated: bool = True) -> Imag
     except (UnidentifiedImageError, ValueError) as error:
         raise UnreadableImageError(f"cannot decode image {path}: {error}") from error
     except OSError as error:
-        if not (allow_truncated and "truncated" in str(error)):
+        if not (allow_truncated and "truncated" in str(error).lower()):
             raise UnreadableImageError(f"cannot decode image {path}: {error}") from error
         image = _decode_truncated(path, error)
     return image

@@ -113,7 +113,7 @@ def test_restarted_worker_group_resumes_instead_of_starting_over(tmp_path: Path)
     _wait_for(lambda: _in_log(train_log, "epoch 1/", "step 1/"), "epoch 1 begin", agent, log)
     os.kill(_worker_pid(agent.pid, 1), signal.SIGKILL)
     assert _finish(agent, log, timeout=180) == 0, log.read_text(errors="replace")[-4000:]
-    assert _in_log(train_log, "torchrun restarted the workers") and _in_log(train_log, "resumed")
+    assert _in_log(log, "torchrun restarted the workers") and _in_log(train_log, "resumed")
     saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert saved["epoch"] == 3 and [r["epoch"] for r in saved["history"]] == [0, 1, 2]
 
@@ -132,4 +132,5 @@ def test_two_nodes_on_one_host_train_evaluate_and_resume(tmp_path: Path) -> None
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
         assert saved["epoch"] == epochs and len(saved["history"]) == epochs
         assert "val_AP" in saved["history"][-1], "each epoch was evaluated"
-    assert _in_log(train_log, "rank 0 of 2") and _in_log(train_log, "resumed")
+        assert _in_log(logs[0], "of 2 (gloo)") and _in_log(logs[1], "of 2 (gloo)"), "one rank per launch"
+    assert _in_log(train_log, "resumed")
