@@ -87,6 +87,8 @@ def _worker_pid(agent: int, rank: int) -> int:
 def test_sigterm_to_torchrun_stops_both_ranks_mid_epoch_with_last_pth_saved(tmp_path: Path) -> None:
     log, train_log = tmp_path / "torchrun.log", tmp_path / "run" / "train.log"
     overrides = _overrides(tmp_path, epochs=5, train_images=16)  # 8 steps per epoch per rank
+    # torchrun signals each rank's process group: its loader worker gets SIGTERM too and must not crash it
+    overrides += ["train_dataloader.num_workers=1"]
     agent = _launch(["--standalone", "--nproc-per-node=2"], overrides, log)
     _wait_for(lambda: _in_log(train_log, "epoch 1/", "step 1/"), "epoch 1 begin", agent, log)
     sent = time.time()
