@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test (--code: another, e.g. before a fix)
 SIZE = 96
 
 
@@ -179,7 +179,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/dfine-fault-drill"))
     parser.add_argument("--delay", type=float, default=20.0, help="seconds into epoch 1 for the signals")
     parser.add_argument("--tries", type=int, default=3, help="kill -9 + restart tries per launch recipe")
+    parser.add_argument("--code", type=Path, default=None, help="run this dfine checkout instead of this one")
     args = parser.parse_args()
+    if args.code is not None:
+        global ROOT
+        ROOT = args.code.resolve()
+    print(f"dfine from {ROOT}", flush=True)
     out, data = args.out, args.out / "data"
     out.mkdir(parents=True, exist_ok=True)
     single = [sys.executable]
