@@ -95,7 +95,9 @@ class Trainer:
         record["time"] = time.time() - start
         record["memory_mb"] = peak_memory_mb(run.device)
         metrics = None
-        if self._should_evaluate(epoch):
+        # A stop requested by now skips the evaluation (minutes on a large set): last.pth is saved first.
+        stopping = epoch + 1 < run.epochs and self.signals.stop_requested()
+        if self._should_evaluate(epoch) and not stopping:
             metrics = self.evaluate()
             record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             self._track_best(epoch, metrics)  # best.pth, and best_stage1.pth while in stage 1

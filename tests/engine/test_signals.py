@@ -73,3 +73,19 @@ def test_stop_signals_restore_handlers_and_only_record() -> None:
         os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not fatal
         assert signals.stop_requested() and signals.signal_name == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_at_the_end_of_training_an_epoch_saves_it_and_skips_its_evaluation(tmp_path: Path) -> None:
+    run = build_training(tiny_config(tmp_path / "run", tmp_path / "data", epochs=3))
+    end_of_epoch = run.lr_schedule.epoch_step
+
+    def signalled_epoch_step() -> None:  # runs after an epoch's last step, before its evaluation
+        end_of_epoch()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    run.lr_schedule.epoch_step = signalled_epoch_step
+    with pytest.raises(StopRequested):
+        Trainer(run).fit()
+    saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1 and "interrupted" not in saved, "the trained epoch counts as done"
+    assert "val_AP" not in saved["history"][0] and not (tmp_path / "run" / "eval.json").exists()
