@@ -69,18 +69,21 @@ def _in_log(path: Path, *parts: str) -> bool:
     return any(all(part in line for part in parts) for line in text.splitlines())
 
 
-def _worker_pid(agent: int, rank: int) -> int:
-    """The pid of the agent's child process whose RANK is ``rank`` (torchrun starts workers as children)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == agent and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
+def _worker_pid(agent: int, rank: int, timeout: float = 30) -> int:
+    """The pid of the process under ``agent`` whose RANK is ``rank`` (torchrun starts workers as children)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == agent and f"RANK={rank}".encode() in environ:
+                return int(entry.name)
+        time.sleep(0.2)
     raise AssertionError(f"no worker of rank {rank} under torchrun pid {agent}")
 
 
@@ -112,8 +115,12 @@ def test_restarted_worker_group_resumes_instead_of_starting_over(tmp_path: Path)
         log,
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
     )
-    _wait_for(lambda: _in_log(train_log, "epoch 1/", "step 1/"), "epoch 1 begin", agent, log)
-    os.kill(_worker_pid(agent.pid, 1), signal.SIGKILL)
+    try:
+        _wait_for(lambda: _in_log(train_log, "epoch 1/", "step 1/"), "epoch 1 begin", agent, log)
+        os.kill(_worker_pid(agent.pid, 1), signal.SIGKILL)
+    except BaseException:
+        agent.kill()  # no orphaned job after a failed test
+        raise
     assert _finish(agent, log, timeout=180) == 0, log.read_text(errors="replace")[-4000:]
     assert _in_log(log, "torchrun restarted the workers") and _in_log(train_log, "resumed")
     saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
