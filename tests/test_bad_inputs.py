@@ -30,6 +30,16 @@ from dfine.cli import train as train_cli
 from dfine.data.image_io import UnreadableImageError, load_image
 
 
+@pytest.fixture(autouse=True)
+def _drop_dfine_log_handlers():  # type: ignore[no-untyped-def]
+    """The run's console handler writes to this test's captured stdout, closed after it: remove it then."""
+    yield
+    package_logger = logging.getLogger("dfine")
+    for handler in [h for h in package_logger.handlers if getattr(h, "_dfine_handler", False)]:
+        package_logger.removeHandler(handler)
+        handler.close()
+
+
 @dataclass
 class Context:
     tmp_path: Path

@@ -71,7 +71,8 @@ def launch(
     command += ["-u", *extra]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     with open(log, "ab") as handle:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
+        # cwd=ROOT: python -m puts the working folder first on sys.path, so it picks the dfine that runs
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
 
 
 def wait_for_epoch_one(run: Path, process: subprocess.Popen, timeout: float = 600) -> bool:

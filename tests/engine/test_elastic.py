@@ -3,6 +3,7 @@ restarted, and two "nodes" (two torchrun launches on this host) that train and r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,22 +46,46 @@ def _launch(
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _kill_job(process: subprocess.Popen[bytes]) -> None:
+    """Kill torchrun and its workers (in sessions of their own, which a process-group kill would miss)."""
+    doomed, queue = [], [process.pid]
+    while queue:
+        pid = queue.pop()
+        doomed.append(pid)
+        queue.extend(_children(pid))
+    for pid in reversed(doomed):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
 def _wait_for(
-    predicate: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path, timeout: int = 120
+    predicate: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path, timeout: int = 300
 ) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if process.poll() is not None or time.time() > deadline:
-            process.kill()
+            _kill_job(process)
             pytest.fail(f"never saw {what}; torchrun output:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
 
 
-def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> int:
+def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> int:
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _kill_job(process)
         pytest.fail(f"torchrun hung; output:\n{log.read_text()[-4000:]}")
 
 
@@ -119,9 +144,9 @@ def test_restarted_worker_group_resumes_instead_of_starting_over(tmp_path: Path)
         _wait_for(lambda: _in_log(train_log, "epoch 1/", "step 1/"), "epoch 1 begin", agent, log)
         os.kill(_worker_pid(agent.pid, 1), signal.SIGKILL)
     except BaseException:
-        agent.kill()  # no orphaned job after a failed test
+        _kill_job(agent)  # no orphaned job after a failed test
         raise
-    assert _finish(agent, log, timeout=180) == 0, log.read_text(errors="replace")[-4000:]
+    assert _finish(agent, log, timeout=300) == 0, log.read_text(errors="replace")[-4000:]
     assert _in_log(log, "torchrun restarted the workers") and _in_log(train_log, "resumed")
     saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert saved["epoch"] == 3 and [r["epoch"] for r in saved["history"]] == [0, 1, 2]
@@ -136,7 +161,7 @@ def test_two_nodes_on_one_host_train_evaluate_and_resume(tmp_path: Path) -> None
         args.append(f"--rdzv-endpoint=127.0.0.1:{_free_port()}")
         logs = [tmp_path / f"node{node}-{epochs}.log" for node in range(2)]
         nodes = [_launch(args, overrides, log, flags) for log in logs]
-        codes = [_finish(node, log, timeout=180) for node, log in zip(nodes, logs, strict=True)]
+        codes = [_finish(node, log, timeout=300) for node, log in zip(nodes, logs, strict=True)]
         assert codes == [0, 0], "\n".join(log.read_text(errors="replace")[-3000:] for log in logs)
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
         assert saved["epoch"] == epochs and len(saved["history"]) == epochs

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+import pytest
 from trainer_helpers import tiny_config
 
 import dfine.checkpoint
@@ -20,6 +22,16 @@ from dfine.engine.trainer import Trainer
 
 KILLS = 20
 WRITE_CHUNKS, CHUNK_PAUSE_S = 8, 0.02  # a checkpoint write takes >= 0.16 s: room to land a kill inside it
+
+
+@pytest.fixture(autouse=True)
+def _drop_dfine_log_handlers():  # type: ignore[no-untyped-def]
+    """The run's console handler writes to this test's captured stdout, closed after it: remove it then."""
+    yield
+    package_logger = logging.getLogger("dfine")
+    for handler in [h for h in package_logger.handlers if getattr(h, "_dfine_handler", False)]:
+        package_logger.removeHandler(handler)
+        handler.close()
 
 
 def _slow_save(writes: Path, marker: Path):  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,16 @@ from dfine.engine.setup import build_training
 from dfine.engine.signals import EXIT_PREEMPTED, StopRequested, StopSignals
 from dfine.engine.step import TrainStep
 from dfine.engine.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _drop_dfine_log_handlers():  # type: ignore[no-untyped-def]
+    """The run's console handler writes to this test's captured stdout, closed after it: remove it then."""
+    yield
+    package_logger = logging.getLogger("dfine")
+    for handler in [h for h in package_logger.handlers if getattr(h, "_dfine_handler", False)]:
+        package_logger.removeHandler(handler)
+        handler.close()
 
 
 def _signal_at_step(monkeypatch: pytest.MonkeyPatch, signum: int, at_call: int) -> None:
