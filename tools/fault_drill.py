@@ -118,6 +118,7 @@ def signal_fault(
     run = out / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
+    (out / f"{name}.log").unlink(missing_ok=True)  # logs are appended to: start each fault afresh
     process = launch(prefix, [], overrides(run, data, 5, 48), out / f"{name}.log", env or {})
     if not wait_for_epoch_one(run, process):
         process.kill()
@@ -140,6 +141,7 @@ def restart_fault(out: Path, data: Path, name: str, static: bool, try_index: int
     run = out / f"{name}-{try_index}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
+    (out / f"{run.name}.log").unlink(missing_ok=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1"]
     if static:
         torchrun += [f"--master-port={free_port()}"]
@@ -165,6 +167,7 @@ def restart_fault(out: Path, data: Path, name: str, static: bool, try_index: int
 def rerun_fault(out: Path, data: Path) -> str:
     run = out / "rerun"
     shutil.rmtree(run, ignore_errors=True)
+    (out / "rerun.log").unlink(missing_ok=True)
     prefix = [sys.executable]
     first = launch(prefix, [], overrides(run, data, 1, 4), out / "rerun.log", {}).wait()
     before = (run / "last.pth").stat().st_mtime_ns
