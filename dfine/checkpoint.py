@@ -6,6 +6,7 @@ loading a checkpoint cannot run code. Everything :func:`capture_rng_state` retur
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -33,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights_for_finetune",
     "load_weights_strict",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_atomic",
 ]
@@ -58,19 +60,63 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-PID`` files that a killed :func:`save_atomic` left in ``folder``.
+
+    A file whose PID is a live process (another writer on this host) is left alone, as is this process's.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for candidate in folder.iterdir():
+        found = _TEMPORARY.match(candidate.name)
+        if found is None or not candidate.is_file():
+            continue
+        pid = int(found.group("pid"))
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    if removed:
+        logger.info("removed %d temporary file(s) of killed checkpoint writes in %s", len(removed), folder)
+    return removed
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` so that ``path`` holds either the old file or the complete new one, never a partial one.
 
     The object is written to a temporary file in the same folder, flushed and fsynced, then renamed over
     ``path`` (atomic on POSIX and Windows), and the folder entry is fsynced. A crash at any point leaves the
-    previous ``path`` intact; the temporary file is removed when the write fails with an exception.
+    previous ``path`` intact; the temporary file is removed when the write fails with an exception, and the
+    ones a killed process (kill -9) left behind are removed by the next write into that folder.
 
     Args:
         obj: what to save (keep it to tensors, numbers, strings and containers so it loads with weights_only).
         path: destination file; its folder is created if missing.
+
+    Raises:
+        CheckpointError: the disk is full (or over quota); ``path`` still holds the previous checkpoint.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
@@ -78,10 +124,27 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if _is_disk_full(error):
+            kept = "it still holds the previous checkpoint" if path.is_file() else "it was not written"
+            raise CheckpointError(
+                f"no space left to write {path} ({error}); {kept}. Free disk space (or choose another "
+                "--output-dir) and continue with -r auto"
+            ) from error
         raise
     _fsync_directory(path.parent)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # torch.save reports a failed write as a RuntimeError from its zip writer, with the OSError as its cause.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "file write failed" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -125,11 +188,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is truncated or corrupt ({type(error).__name__}: {str(error)[:200]}); "
             "use an earlier checkpoint (e.g. checkpointNNNN.pth) or re-download it"
         ) from error
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        # What the unpickler trips over when the file is not a checkpoint at all (text, an image, HTML).
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {_first_bytes(path)!r}); "
+            "pass the .pth file that dfine-train or the D-FINE release wrote"
+        ) from error
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors or states"
         )
     return dict(checkpoint)
+
+
+def _first_bytes(path: Path, count: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(count)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 __all__ = [
     "DistributedContext",
     "all_gather_object",
+    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -153,6 +154,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone()
     reduced = tensor.detach().to(_collective_device(), copy=True)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(tensor.device)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ranks (e.g. "did any rank get a stop signal")."""
+    if not is_distributed():
+        return tensor.clone()
+    reduced = tensor.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     return reduced.to(tensor.device)
 
 

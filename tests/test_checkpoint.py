@@ -232,3 +232,38 @@ def test_temporary_name_is_hidden_and_per_process(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(checkpoint_io.os, "replace", spy)
     save_atomic({"a": 1}, tmp_path / "best.pth")
     assert seen == [f".best.pth.tmp-{os.getpid()}"]
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid, live_pid = int(finished.stdout), os.getppid()
+    dead = tmp_path / f".last.pth.tmp-{dead_pid}"
+    live = tmp_path / f".best.pth.tmp-{live_pid}"
+    other = tmp_path / "notes.tmp-1"  # not one of ours: no leading dot
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    checkpoint_io.save_atomic({"x": torch.zeros(1)}, tmp_path / "last.pth")
+    assert not dead.exists() and live.exists() and other.exists()
+    assert checkpoint_io.load_checkpoint(tmp_path / "last.pth")["x"].shape == (1,)
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path: Path, monkeypatch):
+    target = tmp_path / "last.pth"
+    checkpoint_io.save_atomic({"epoch": 1}, target)
+
+    def no_space(obj, handle):
+        handle.write(b"part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", no_space)
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"no space left.*still holds the previous"):
+        checkpoint_io.save_atomic({"epoch": 2}, target)
+    assert checkpoint_io.load_checkpoint(target)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_a_text_file_is_named_as_not_a_checkpoint(tmp_path: Path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello world\n")
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"notes\.pth is not a PyTorch checkpoint"):
+        checkpoint_io.load_checkpoint(path)

@@ -11,6 +11,7 @@ from dfine.config import Config, load_config
 from dfine.config.registry import ConfigError
 from dfine.data.image_io import UnreadableImageError
 from dfine.distributed import setup_logging
+from dfine.engine.signals import EXIT_PREEMPTED, StopRequested
 
 __all__ = ["add_config_arguments", "config_from_args", "run_cli"]
 
@@ -57,6 +58,9 @@ def run_cli(  # type: ignore[no-untyped-def]
     except (*USER_ERRORS, *user_errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StopRequested as stop:  # SIGTERM/SIGUSR1: last.pth is saved; a requeue resumes with -r auto
+        print(f"preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         # the trainer has already saved last.pth and said how to continue
         print("interrupted", file=sys.stderr)

@@ -4,8 +4,11 @@ Examples:
     dfine-train -c configs/quickstart.yml
     dfine-train -c configs/dfine/dfine_hgnetv2_s_coco.yml --use-amp --seed 0
     dfine-train -c CFG -r auto                      # resume from output_dir/last.pth when it exists
+    dfine-train -c CFG --exist-ok                   # start over in an output_dir that holds a run
     dfine-train -c CFG -t dfine_s_obj365.pth        # fine-tune from weights (class heads re-initialised)
     torchrun --nproc_per_node=4 -m dfine.cli.train -c CFG
+Exit codes: 0 done, 1 crash, 2 bad input (message says what to fix), 75 stopped by SIGTERM/SIGUSR1 after
+saving last.pth (resume with -r auto), 130 Ctrl-C (last.pth saved).
     dfine-train -c CFG --print-config               # show the fully resolved config and exit
     dfine-train -c CFG --check-data                 # check images and annotations, exit 0 when trainable
     dfine-train -c CFG --check-data full            # ... and decode every image
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible runs")
     parser.add_argument("--use-amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints and logs go (sets output_dir)")
+    parser.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="start a fresh run even though output_dir holds checkpoints (they are overwritten); without "
+        "it such a run is refused",
+    )
     parser.add_argument("--test-only", action="store_true", help="only evaluate (use with -r or -t)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
@@ -128,7 +137,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from dfine.engine.setup import build_training
     from dfine.engine.trainer import Trainer
 
-    run = build_training(cfg, resume=args.resume, tune=args.tune)
+    run = build_training(cfg, resume=args.resume, tune=args.tune, exist_ok=args.exist_ok or args.test_only)
     trainer = Trainer(run)
     metrics = trainer.evaluate() if args.test_only else trainer.fit()
     if run.context.is_main:

@@ -2,6 +2,12 @@
 
 EXIF orientation is applied on load, so a phone photo is seen upright, in the frame a person annotated it in,
 and the size used to check and normalise boxes is that upright size.
+
+Every picture becomes 8-bit RGB, never silently wrong: grayscale is repeated over the channels, palette and
+CMYK pictures are converted by Pillow, alpha is dropped (as the original D-FINE does), 16-bit pictures are
+scaled to 0..255 (not clipped, which turns them nearly white), and 32-bit integer or float pictures, whose
+range is unknown, are refused with a message. A picture over Pillow's decompression-bomb limit is refused with
+its size and the fix, not a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import logging
 import os
 import threading
 
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = ["UnreadableImageError", "exif_orientation", "load_image", "read_image_size", "try_read_image_size"]
@@ -61,9 +68,18 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
                 width, height = height, width
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(_too_large(path, error)) from error
     except (OSError, ValueError) as error:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from error
     return width, height
+
+
+def _too_large(path: str, error: Exception) -> str:
+    return (
+        f"image {path} is too large to decode safely ({error}); resize it (e.g. to under 10000 pixels a "
+        "side), or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+    )
 
 
 def try_read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -95,10 +111,12 @@ def load_image(path: str | os.PathLike, *, allow_truncated: bool = True) -> Imag
         image = _decode(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(_too_large(path, error)) from error
     except (UnidentifiedImageError, ValueError) as error:
         raise UnreadableImageError(f"cannot decode image {path}: {error}") from error
     except OSError as error:
-        if not (allow_truncated and "truncated" in str(error)):
+        if not (allow_truncated and "truncated" in str(error).lower()):
             raise UnreadableImageError(f"cannot decode image {path}: {error}") from error
         image = _decode_truncated(path, error)
     return image
@@ -112,11 +130,28 @@ def _decode(path: str) -> Image.Image:
     except BaseException:
         image.close()
         raise
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = _to_rgb(image, path)
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     return image
+
+
+def _to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB from any Pillow mode; 16-bit samples are scaled by 255/65535 (a convert would clip them)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        samples = np.asarray(image)  # [H, W]
+        # 32-bit integers are 16-bit PNGs with older Pillow when they fit 0..65535; floats have no scale.
+        if image.mode == "F" or samples.min() < 0 or samples.max() > 65535:
+            kind = "floating-point" if image.mode == "F" else "32-bit"
+            raise UnreadableImageError(
+                f"cannot use image {path}: its pixels are {kind} (range {samples.min()}..{samples.max()}), "
+                "which has no fixed scale to 8-bit colour; save it as an 8- or 16-bit PNG or as JPEG"
+            )
+        scaled = (samples.astype(np.int64) * 255 + 32767) // 65535
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")  # L, LA, 1, P, PA, RGBA, CMYK, YCbCr, LAB, HSV
 
 
 def _decode_truncated(path: str, error: OSError) -> Image.Image:

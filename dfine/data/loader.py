@@ -19,6 +19,7 @@ the uninterrupted run saw).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -212,8 +213,19 @@ def build_dataloader(
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
         generator=generator,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         **options,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the training process, which saves and then stops them.
+
+    torchrun signals each worker's whole process group, loader workers included; one killed by the signal
+    would make the training process fail ("DataLoader worker exited unexpectedly") before it could save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _key(where: str) -> str:

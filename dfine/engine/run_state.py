@@ -10,6 +10,7 @@ training set's classes (``label_map``) and the resolved ``config``; a Ctrl-C sav
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from dfine.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_checkpoint,
     load_weights_strict,
@@ -32,7 +34,7 @@ from dfine.config.registry import ConfigError
 if TYPE_CHECKING:
     from dfine.engine.step import TrainStep
 
-__all__ = ["RunCheckpoints", "RunState", "seed_everything"]
+__all__ = ["RunCheckpoints", "RunState", "existing_checkpoints", "resume_or_refuse", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,56 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def existing_checkpoints(output_dir: Path) -> list[Path]:
+    """The run checkpoints in ``output_dir`` (last, best, best_stage1, checkpointNNNN), newest first."""
+    if not output_dir.is_dir():
+        return []
+    named = [output_dir / name for name in ("last.pth", "best.pth", "best_stage1.pth")]
+    found = [path for path in [*named, *output_dir.glob("checkpoint[0-9]*.pth")] if path.is_file()]
+    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def resume_or_refuse(output_dir: Path, resume: str | None, exist_ok: bool = False) -> str | None:
+    """Decide how a run starts in ``output_dir`` so that it never writes over another run's checkpoints.
+
+    Args:
+        output_dir: the run folder.
+        resume: what the user asked for with ``-r`` (``None``: a fresh run).
+        exist_ok: ``--exist-ok``: a fresh run may start over on top of the checkpoints there.
+
+    Returns:
+        What to resume from: ``resume`` itself; ``"auto"`` when torchrun restarted the worker group
+        (``TORCHELASTIC_RESTART_COUNT > 0``), so the new attempt continues the one that died instead of
+        starting over; ``None`` for a fresh run.
+
+    Raises:
+        ConfigError: a fresh run (no ``-r``, no ``--exist-ok``) whose folder already holds checkpoints; the
+            message names the folder and the three choices. Nothing has been written at that point.
+    """
+    if resume:
+        return resume
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0:
+        logger.warning(
+            "torchrun restarted the workers (attempt %d): continuing from %s/last.pth when present (-r auto)",
+            restarts + 1,
+            output_dir,
+        )
+        return "auto"
+    found = existing_checkpoints(output_dir)
+    if not found:
+        return None
+    names = ", ".join(path.name for path in found[:5])
+    if exist_ok:
+        logger.warning("--exist-ok: starting over in %s; checkpoints (%s) are replaced", output_dir, names)
+        return None
+    raise ConfigError(
+        f"{output_dir} already holds a run ({names}); nothing was changed. Continue it with -r auto, "
+        "start a new run elsewhere with --output-dir NEW_FOLDER, or start over in it with --exist-ok "
+        "(its checkpoints will be overwritten)"
+    )
 
 
 @dataclass
@@ -183,18 +235,24 @@ class RunCheckpoints:
         """Load weights, optimiser state, schedule, scaler, counters and RNG from a checkpoint.
 
         Args:
-            resume: a checkpoint path, or ``"auto"`` for ``output_dir/last.pth`` (a fresh run when absent).
+            resume: a checkpoint path, or ``"auto"`` for ``output_dir/last.pth`` (a fresh run when the folder
+                holds no checkpoint). When that file is unreadable (a damaged disk), ``"auto"`` falls back to
+                the newest checkpoint there that loads, with a warning naming both files.
 
         Raises:
             ConfigError: the file holds weights only (it names ``-t`` as the way to start from it).
             CheckpointError: the file is unreadable or its weights do not fit the model.
         """
-        path = self.output_dir / "last.pth" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
-            logger.info("-r auto: no %s yet, starting a fresh run", path)
-            return
         step = self.step
-        checkpoint = load_checkpoint(path, map_location=step.device)
+        if resume == "auto":
+            found = self._newest_loadable()
+            if found is None:
+                logger.info("-r auto: no checkpoint in %s yet, starting a fresh run", self.output_dir)
+                return
+            path, checkpoint = found
+        else:
+            path = Path(resume)
+            checkpoint = load_checkpoint(path, map_location=step.device)
         if "optimizer" not in checkpoint or "epoch" not in checkpoint:
             raise ConfigError(
                 f"{path} holds weights only (no optimizer/epoch state), so it cannot be resumed: "
@@ -216,3 +274,40 @@ class RunCheckpoints:
             self.state.global_step,
             self.state.stage,
         )
+
+    def _newest_loadable(self) -> tuple[Path, dict[str, Any]] | None:
+        """``last.pth``, else the newest full checkpoint in ``output_dir`` that loads; None if none.
+
+        Raises:
+            CheckpointError: checkpoints exist but none of them loads (each is named with its error).
+        """
+        candidates = existing_checkpoints(self.output_dir)
+        last = self.output_dir / "last.pth"
+        if last in candidates:  # the newest by design; put first whatever the clock says
+            candidates.remove(last)
+            candidates.insert(0, last)
+        failures: list[str] = []
+        for path in candidates:
+            try:
+                checkpoint = load_checkpoint(path, map_location=self.step.device)
+            except CheckpointError as error:
+                failures.append(f"{path.name}: {error}")
+                continue
+            if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+                continue  # weights only: cannot continue a run
+            if failures:
+                logger.warning(
+                    "-r auto: %s is unreadable, resuming from %s (the newest checkpoint that loads); the "
+                    "epochs after it are trained again. Unreadable: %s",
+                    candidates[0],
+                    path,
+                    "; ".join(failures),
+                )
+            return path, checkpoint
+        if failures:
+            raise CheckpointError(
+                f"-r auto: no checkpoint in {self.output_dir} loads: "
+                + "; ".join(failures)
+                + ". Start over with --exist-ok or point -r at a good copy"
+            )
+        return None

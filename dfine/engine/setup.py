@@ -8,6 +8,7 @@ EMA, precision, the training step, and resuming last, since it overwrites what w
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dfine.config.stage_two import resolve_stage_two
 from dfine.engine.ema import ModelEMA, build_ema
 from dfine.engine.optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
 from dfine.engine.precision import build_grad_scaler, choose_precision
-from dfine.engine.run_state import RunCheckpoints, RunState, seed_everything
+from dfine.engine.run_state import RunCheckpoints, RunState, resume_or_refuse, seed_everything
 from dfine.engine.schedules import LRSchedule, build_lr_schedule, lr_blocks
 from dfine.engine.step import TrainStep
 from dfine.evaluation.coco_evaluator import CocoEvaluator, build_evaluator
@@ -103,6 +104,7 @@ def build_training(
     resume: str | None = None,
     tune: str | None = None,
     class_map: Mapping[int, int] | None = None,
+    exist_ok: bool = False,
 ) -> TrainingRun:
     """Build every part of a training run from a resolved config, in the order the parts depend on.
 
@@ -111,6 +113,8 @@ def build_training(
         resume: checkpoint to resume everything from, ``"auto"`` for ``output_dir/last.pth`` when present.
         tune: checkpoint to take weights from (fine-tuning); optimiser, schedules and epoch start fresh.
         class_map: for ``tune``, ``{new_label: checkpoint_label}`` rows of the class heads to keep.
+        exist_ok: a fresh run may start over in an ``output_dir`` that already holds checkpoints (otherwise
+            it is refused: :func:`~dfine.engine.run_state.resume_or_refuse`).
 
     Raises:
         ConfigError: both ``resume`` and ``tune``, a missing or invalid setting, data that cannot be
@@ -123,6 +127,9 @@ def build_training(
     context = dist_utils.init_distributed(cfg.get("device"))
     device = context.device
     output_dir = Path(cfg.get("output_dir") or "./output/run")
+    resume = _decide_start(output_dir, resume, exist_ok, context)  # before anything is written there
+    if resume == "auto":
+        tune = None  # a restarted worker group continues its own run; the tuned weights are in last.pth
     dist_utils.setup_logging(output_dir, context.rank)
     seed = dist_utils.broadcast_object(_seed(cfg))  # one seed for the run; each rank its own stream below
     seed_everything(seed + context.rank)
@@ -132,6 +139,7 @@ def build_training(
 
     train_loader, val_loader = build_loaders(cfg, context, seed, stage_two.epoch)
     model = build_model(cfg).to(device)
+    _check_queries_fit(model, cfg)
     criterion = build_criterion(cfg).to(device)
     postprocessor = build_postprocessor(cfg).to(device)
     # One evaluator for the run: the ground truth is indexed once; its matches also feed the curves.
@@ -185,6 +193,53 @@ def build_training(
         stop_epoch=stage_two.epoch,
         ema_restart_decay=stage_two.ema_restart_decay,
     )
+
+
+def _decide_start(
+    output_dir: Path, resume: str | None, exist_ok: bool, context: dist_utils.DistributedContext
+) -> str | None:
+    """Rank 0 decides (it owns the files); every rank gets the same answer or the same error."""
+    decision: tuple[str, str | None] = ("ok", None)
+    if context.is_main:
+        try:
+            writable_output_dir(output_dir)
+            decision = ("ok", resume_or_refuse(output_dir, resume, exist_ok))
+        except ConfigError as error:
+            decision = ("error", str(error))
+    kind, value = dist_utils.broadcast_object(decision)
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def _check_queries_fit(model: nn.Module, cfg: Config) -> None:
+    """The decoder picks ``num_queries`` encoder cells; fewer cells at ``eval_spatial_size`` cannot run."""
+    for module in model.modules():
+        size, strides = getattr(module, "eval_spatial_size", None), getattr(module, "feat_strides", None)
+        queries = getattr(module, "num_queries", None)
+        if not (size and strides and queries):
+            continue
+        cells = sum(int(size[0] / stride) * int(size[1] / stride) for stride in strides)
+        if queries > cells:
+            raise ConfigError(
+                f"{cfg.where('eval_spatial_size')}: {list(size)} gives {cells} encoder cells (strides "
+                f"{list(strides)}), fewer than num_queries={queries}; use a larger eval_spatial_size or "
+                f"fewer queries, e.g. -u model.decoder.num_queries={cells}"
+            )
+
+
+def writable_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and check that files can be written there (a clear error, not an OSError)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"output_dir {output_dir} is not writable ({error.strerror or error}); choose another folder "
+            "with --output-dir or -u output_dir=PATH"
+        ) from error
 
 
 def _require(cfg: Config, key: str) -> Any:

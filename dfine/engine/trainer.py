@@ -23,6 +23,7 @@ from dfine.engine.health import zero_ap_warning
 from dfine.engine.reports import EvalReport
 from dfine.engine.run_log import EpochProgress, RunLog, format_epoch_record, peak_memory_mb
 from dfine.engine.run_state import seed_everything
+from dfine.engine.signals import StopRequested, StopSignals
 from dfine.evaluation.loop import evaluate
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Trainer:
         self.step = run.step
         self.checkpoints = run.checkpoints
         self.warned_zero_ap = False
+        self.signals = StopSignals()  # installed while fit() runs
         enabled = run.context.is_main
         self.run_log = RunLog(run.output_dir, run.cfg.get("summary_dir"), enabled=enabled)
         self.run_log.restart(self.state.history)  # after a resume: epochs the checkpoint never saw go
@@ -57,15 +59,19 @@ class Trainer:
         """Train from ``state.epoch`` to ``epochs``; returns the best metrics seen.
 
         Stops early after ``patience`` evaluated epochs without a new best AP. Ctrl-C saves the weights of the
-        interrupted epoch to ``last.pth`` (``-r auto`` redoes that epoch from them) and re-raises.
+        interrupted epoch to ``last.pth`` (``-r auto`` redoes that epoch from them) and re-raises. SIGTERM or
+        SIGUSR1 (preemption) does the same after the current step on every rank and raises
+        :class:`~dfine.engine.signals.StopRequested`.
         """
         logger.info("schedule: %s", self.run.describe())
         last_metrics: dict[str, Any] = {}
         try:
-            while self.state.epoch < self.run.epochs:
-                last_metrics = self._run_epoch(self.state.epoch) or last_metrics
-                if self._out_of_patience():
-                    break
+            with self.signals:
+                while self.state.epoch < self.run.epochs:
+                    self._stop_if_requested(mid_epoch=False)
+                    last_metrics = self._run_epoch(self.state.epoch) or last_metrics
+                    if self._out_of_patience():
+                        break
         except KeyboardInterrupt:
             self.checkpoints.save_interrupted()
             raise
@@ -90,7 +96,9 @@ class Trainer:
         record["time"] = time.time() - start
         record["memory_mb"] = peak_memory_mb(run.device)
         metrics = None
-        if self._should_evaluate(epoch):
+        # A stop requested by now skips the evaluation (minutes on a large set): last.pth is saved first.
+        stopping = epoch + 1 < run.epochs and self.signals.stop_requested()
+        if self._should_evaluate(epoch) and not stopping:
             metrics = self.evaluate()
             record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             self._track_best(epoch, metrics)  # best.pth, and best_stage1.pth while in stage 1
@@ -119,6 +127,7 @@ class Trainer:
         for index, (images, targets) in enumerate(progress):
             lr_used = step.lr
             result = step(images, targets, index)
+            self._stop_if_requested(mid_epoch=True)
             seen_images += images.shape[0] * run.context.world_size
             if result is None:
                 continue  # skipped for a non-finite loss (the step logged which term)
@@ -143,6 +152,20 @@ class Trainer:
         """Training samples that failed to load this epoch, all ranks together (replaced, see the dataset)."""
         count = torch.tensor([float(getattr(self.run.train_loader.dataset, "failed_samples", 0))])
         return int(dist_utils.all_reduce_sum(count).item())  # the count itself when not distributed
+
+    def _stop_if_requested(self, mid_epoch: bool) -> None:
+        """After SIGTERM/SIGUSR1 on any rank: save as Ctrl-C does (mid-epoch), then stop every rank together.
+
+        Between epochs ``last.pth`` is already complete, so nothing more is written.
+        """
+        if not self.signals.stop_requested():
+            return
+        path = self.run.output_dir / "last.pth"
+        logger.warning("received %s: stopping after this step", self.signals.signal_name)
+        if mid_epoch:
+            self.checkpoints.save_interrupted()
+        dist_utils.barrier()  # no rank may exit (and make torchrun stop the others) before rank 0 has saved
+        raise StopRequested(self.signals.signal_name, str(path))
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (model and EMA) before evaluating and saving.

@@ -19,7 +19,7 @@ import trainer_helpers
 from trainer_helpers import clone_state, differing_keys
 
 from dfine.config.registry import ConfigError
-from dfine.engine.run_state import RunState
+from dfine.engine.run_state import RunState, resume_or_refuse
 from dfine.engine.setup import build_training
 from dfine.engine.trainer import Trainer
 
@@ -199,3 +199,30 @@ def test_resume_from_a_weights_only_file_suggests_tune(
     torch.save({"model": reference_run["model"]}, weights)
     with pytest.raises(ConfigError, match=r"-t .*weights\.pth"):
         build_training(tiny_config(tmp_path, data_root), resume=str(weights))
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints_unless_told(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert resume_or_refuse(tmp_path, None) is None  # empty folder: fresh
+    (tmp_path / "best.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"already holds a run.*-r auto.*--output-dir.*--exist-ok"):
+        resume_or_refuse(tmp_path, None)
+    assert resume_or_refuse(tmp_path, None, exist_ok=True) is None
+    assert resume_or_refuse(tmp_path, "auto") == "auto"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted torchrun group continues its run
+    assert resume_or_refuse(tmp_path, None) == "auto"
+    assert resume_or_refuse(tmp_path, None, exist_ok=True) == "auto"
+
+
+def test_resume_auto_falls_back_to_the_newest_loadable_checkpoint(tmp_path: Path, caplog) -> None:
+    data_root = tmp_path / "data"
+    run = build_training(trainer_helpers.tiny_config(tmp_path / "run", data_root))
+    run.state.epoch, run.state.global_step = 1, 2
+    run.checkpoints.save("best.pth")
+    (tmp_path / "run" / "last.pth").write_bytes(b"\0" * 100)  # a damaged disk block
+    resumed = build_training(trainer_helpers.tiny_config(tmp_path / "run", data_root), resume="auto")
+    assert resumed.state.epoch == 1 and resumed.state.global_step == 2
+    warning = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "unreadable" in r.message
+    ]
+    assert warning and "last.pth" in warning[0] and "best.pth" in warning[0], warning
