@@ -9,8 +9,10 @@ To add a case, append a :class:`Case` to :data:`CASES`: ``run`` does what the us
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
+import json
 import logging
 import struct
 import zlib
@@ -27,6 +29,9 @@ from trainer_helpers import CONFIG, TINY_MODEL, tiny_overrides
 import dfine
 import dfine.checkpoint
 from dfine.cli import train as train_cli
+from dfine.cli.common import USER_ERRORS
+from dfine.data.coco import parse_coco
+from dfine.data.image_checks import has_truncated_tail
 from dfine.data.image_io import UnreadableImageError, load_image
 
 
@@ -136,6 +141,56 @@ def unwritable_output(ctx: Context) -> tuple[int, str]:
     return train(ctx, overrides=(f"output_dir={blocker / 'run'}",))
 
 
+# ------------------------------------------------------------------------------------------ annotation files
+
+ANNOTATIONS = {
+    "images": [
+        {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48},
+    ],
+    "annotations": [
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10], "area": 100, "iscrowd": 0},
+        {"id": 12, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 10], "area": 200, "iscrowd": 0},
+    ],
+    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+}
+
+
+def annotations(ctx: Context, edit: Callable[[dict], object] | str) -> tuple[int, str]:
+    """Parse an annotation file as every COCO-format dataset does: (2, message) if refused, (0, log) if read.
+
+    ``edit`` changes a copy of a good file, or is the whole file's text.
+    """
+    if isinstance(edit, str):
+        text = edit
+    else:
+        document = copy.deepcopy(ANNOTATIONS)
+        edit(document)
+        text = json.dumps(document)  # writes NaN/Infinity for non-finite floats, as users' scripts do
+    path = write(ctx, "ann.json", text)
+    with ctx.caplog.at_level(logging.WARNING):
+        try:
+            parse_coco(str(path))
+        except USER_ERRORS as error:
+            return 2, str(error)
+    return 0, ctx.caplog.text
+
+
+def second(section: str, **changes: object) -> Callable[[dict], None]:
+    def edit(document: dict) -> None:
+        document[section][1].update(changes)
+
+    return edit
+
+
+def check_truncated(ctx: Context) -> tuple[int, str]:
+    """The default ``--check-data`` reads each file's tail: a cut JPEG is named (header mode, no decoding)."""
+    data = encode(Image.fromarray(NOISE), "JPEG", quality=95)
+    whole, cut = write(ctx, "whole.jpg", data), write(ctx, "cut.jpg", data[: len(data) * 9 // 10])
+    flagged = [path for path in (whole, cut) if has_truncated_tail(str(path))]
+    return (2, f"truncated: {flagged[0].name}") if flagged == [cut] else (0, str(flagged))
+
+
 # ------------------------------------------------------------------------------------------ images
 
 
@@ -231,6 +286,63 @@ RED = np.full((8, 8, 3), (255, 0, 0), dtype=int)
 BINARY = np.indices((8, 8)).sum(0) % 2 == 0
 
 CASES = [
+    # annotation files: refused naming the file and the entry, or warned about with counts and an example
+    Case("annotations-not-json", lambda c: annotations(c, "{not json"), 2, ("ann.json", "not valid JSON")),
+    Case(
+        "annotations-without-images",
+        lambda c: annotations(c, '{"annotations": []}'),
+        2,
+        ("ann.json", "no 'images' list"),
+    ),
+    Case(
+        "annotations-duplicate-image-id",
+        lambda c: annotations(c, second("images", id=1)),
+        2,
+        ("ann.json", "image id 1 appears more than once"),
+    ),
+    Case(
+        "annotations-non-integer-image-id",
+        lambda c: annotations(c, second("images", id="2")),
+        2,
+        ("ann.json", "images[1].id is '2'", "must be integers"),
+    ),
+    Case(
+        "annotations-nan-box",
+        lambda c: annotations(c, second("annotations", bbox=[1, float("nan"), 3, 4])),
+        2,
+        ("ann.json", "NaN"),
+    ),
+    Case(
+        "annotations-three-number-box",
+        lambda c: annotations(c, second("annotations", bbox=[1, 2, 3])),
+        0,
+        ("ann.json", "not 4 numbers", "annotation 12"),
+    ),
+    Case(
+        "annotations-negative-box",
+        lambda c: annotations(c, second("annotations", bbox=[1, 2, -3, 4])),
+        0,
+        ("ann.json", "zero or negative width/height"),
+    ),
+    Case(
+        "annotations-unknown-category",
+        lambda c: annotations(c, second("annotations", category_id=9)),
+        0,
+        ("ann.json", "category_id not in 'categories'", "category 9"),
+    ),
+    Case(
+        "annotations-orphan",
+        lambda c: annotations(c, second("annotations", image_id=77)),
+        0,
+        ("ann.json", "image ids that are not in 'images'"),
+    ),
+    Case(
+        "annotations-none-at-all",
+        lambda c: annotations(c, lambda d: d.update(annotations=[])),
+        0,
+        ("ann.json", "has no annotations at all"),
+    ),
+    Case("jpg-truncated-named-by-check-data", check_truncated, 2, ("cut.jpg",)),
     # images: refused with the file named, or converted exactly
     Case("jpg-zero-byte", lambda c: image(c, "empty.jpg", b"", None), 2, ("empty.jpg", "cannot decode")),
     Case("jpg-not-an-image", lambda c: image(c, "notes.jpg", b"a text file", None), 2, ("notes.jpg",)),
