@@ -242,9 +242,10 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
     from dfine.config.build import build_model, build_postprocessor
 
-    checkpoint = load_checkpoint(args.resume)
     device_override = [f"device={args.device}"] if args.device else []
-    image_size = _image_size(config_from_args(args, device_override), checkpoint)
+    base_cfg = config_from_args(args, device_override)
+    checkpoint = load_checkpoint(args.resume, cfg=base_cfg)
+    image_size = _image_size(base_cfg, checkpoint)
     cfg = config_from_args(args, [*device_override, f"eval_spatial_size=[{image_size[0]}, {image_size[1]}]"])
     device = torch.device(cfg.get("device") or "cpu")  # CPU unless asked: onnxruntime checks on the CPU
     if device.type == "cuda":

@@ -222,7 +222,7 @@ class Predictor:
         where = cfg.where("val_dataloader.dataset.transforms") if isinstance(cfg, Config) else "transforms"
         self.transforms = build_transforms(loader_block["dataset"].get("transforms"), where=where)
 
-        loaded = load_checkpoint(checkpoint)
+        loaded = load_checkpoint(checkpoint, cfg=cfg)
         weights, self.weights_source = extract_model_state(loaded)
         self.classes = resolve_class_table(cfg, loaded)
         self._category_of_label = torch.tensor(self.classes.category_ids, dtype=torch.int64)
