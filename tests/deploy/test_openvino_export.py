@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,12 @@ from trainer_helpers import CONFIG, TINY_MODEL
 
 import dfine
 from dfine.cli import export as export_cli
+from dfine.cli import predict as predict_cli
+from dfine.data.synthetic import generate_split
+from dfine.deploy.exported_predictor import ExportedPredictor
 from dfine.deploy.onnx_export import make_session
 from dfine.deploy.openvino_export import OpenVinoSession, label_map_of
+from dfine.inference.predictor import Predictor
 from dfine.models.realistic_weights import realistic_state_dict
 
 pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[export]")')
@@ -46,7 +51,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = export_cli.main(argv)
-    return {"code": code, "printed": printed.getvalue(), "onnx": output, "xml": output.with_suffix(".xml")}
+    return {
+        "code": code,
+        "printed": printed.getvalue(),
+        "onnx": output,
+        "xml": output.with_suffix(".xml"),
+        "checkpoint": checkpoint,
+        "cfg": dfine.load_config(CONFIG, overrides),
+        "overrides": overrides,
+        "root": root,
+    }
 
 
 def test_ir_has_the_onnx_inputs_outputs_and_dynamic_batch(exported: dict) -> None:
@@ -88,3 +102,25 @@ def test_xml_without_its_bin_names_the_missing_file(exported: dict, tmp_path: Pa
     shutil.copy(exported["xml"], lonely)
     with pytest.raises(FileNotFoundError, match=r"no weights file model\.bin beside it"):
         OpenVinoSession(lonely)
+
+
+def test_exported_files_predict_what_the_checkpoint_predicts(exported: dict) -> None:
+    generate_split(exported["root"] / "pictures", "val", 2, image_size=90)
+    pictures = sorted((exported["root"] / "pictures" / "images").iterdir())
+    expected = Predictor(exported["cfg"], exported["checkpoint"], threshold=0.2).predict(pictures)
+    for path in (exported["onnx"], exported["xml"]):
+        found = ExportedPredictor(exported["cfg"], path, threshold=0.2).predict(pictures)
+        for ours, reference in zip(found, expected, strict=True):
+            assert len(reference) > 0 and ours.names[:3] == reference.names[:3]
+            assert ours.names[0] in "abcd"  # the label map stored in the file
+            assert torch.allclose(ours.boxes[:3], reference.boxes[:3], atol=1e-2)
+            assert torch.allclose(ours.scores[:3], reference.scores[:3], atol=1e-4)
+
+
+def test_dfine_predict_runs_an_openvino_ir(exported: dict, tmp_path: Path) -> None:
+    generate_split(tmp_path / "pictures", "val", 1, image_size=90)
+    picture = next((tmp_path / "pictures" / "images").iterdir())
+    argv = ["-c", str(CONFIG), "-r", str(exported["xml"]), "--input", str(picture), "--output", str(tmp_path)]
+    assert predict_cli.main([*argv, "--threshold", "0.2", "-u", *exported["overrides"]]) == 0
+    assert (tmp_path / picture.name).is_file()
+    assert json.loads((tmp_path / "predictions.json").read_text())[0]["name"] in "abcd"
