@@ -16,6 +16,7 @@ Examples:
     dfine-export -c CFG -r CKPT --random-inputs               # check on random images (no dataset needed)
     dfine-export -c CFG -r CKPT --format openvino --dynamic-batch --benchmark --threads 2
     dfine-export -c CFG -r hf/my_model ...                    # an HF folder (config.json + model.safetensors)
+    dfine-export -c CFG -r CKPT --int8 --calib-images 300 --max-ap-drop 0.01   # + INT8, scored on val
 
 --format openvino converts the ONNX file to an OpenVINO IR (model.xml + model.bin, same inputs and outputs),
 checks it against PyTorch in the same way, and --benchmark then times PyTorch, onnxruntime and OpenVINO on the
@@ -90,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         action="store_true",
         help="time end to end (preprocess + model + postprocess) and the model alone in onnxruntime",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write <name>_int8.onnx (onnxruntime static QDQ quantisation; and its .xml with --format "
+        "openvino), evaluate fp32 and INT8 on the validation set and time both; exit 1 above --max-ap-drop",
+    )
+    parser.add_argument(
+        "--calib-images", type=int, default=300, help="INT8 calibration images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-ap-drop", type=float, default=0.01, help="largest accepted INT8 AP drop (default: %(default)s)"
     )
     parser.add_argument(
         "--iterations",
@@ -357,6 +370,11 @@ def _main(argv: Sequence[str] | None) -> int:
         passed = export_and_check_openvino(output, reference, images, sizes, args, metadata, passed)
     elif args.benchmark:
         _benchmark(output, cfg, images, sizes, preprocess, args, providers)
+    if args.int8 and passed:
+        from dfine.cli.export_int8 import quantize_and_evaluate
+
+        if not quantize_and_evaluate(output, cfg, postprocessor, args, metadata):
+            return 1
     if not passed:
         print(f"error: the exported model differs from PyTorch by more than --tolerance {args.tolerance:g}")
         return 1
