@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "openvino), evaluate fp32 and INT8 on the validation set and time both; exit 1 above --max-ap-drop",
     )
     parser.add_argument(
+        "--int8-method",
+        choices=("onnxruntime", "nncf"),
+        default="onnxruntime",
+        help="onnxruntime static QDQ (default; no extra package), or OpenVINO NNCF (pip install nncf; "
+        "scored in OpenVINO)",
+    )
+    parser.add_argument(
         "--calib-images", type=int, default=300, help="INT8 calibration images (default: %(default)s)"
     )
     parser.add_argument(

@@ -24,7 +24,13 @@ from torch import Tensor, nn
 from dfine.config.registry import ConfigError
 from dfine.deploy.onnx_export import IMAGE_INPUT, SIZE_INPUT, require_onnx
 
-__all__ = ["MIN_CALIBRATION_IMAGES", "SessionDetector", "calibration_feeds", "quantize_onnx_int8"]
+__all__ = [
+    "MIN_CALIBRATION_IMAGES",
+    "SessionDetector",
+    "calibration_feeds",
+    "quantize_onnx_int8",
+    "quantize_openvino_nncf",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,33 @@ def quantize_onnx_int8(
     )
     logger.info("wrote %s (int8 QDQ, calibrated on %d images)", int8_path, len(feeds))
     return Path(int8_path)
+
+
+def quantize_openvino_nncf(
+    fp32_path: str | Path, xml_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> Path:
+    """Write an INT8 OpenVINO IR of ``fp32_path`` (ONNX) with NNCF's post-training quantisation.
+
+    NNCF's transformer preset (``ModelType.TRANSFORMER``: attention-aware placement, mixed symmetric /
+    asymmetric ranges), calibrated on ``feeds``. Needs ``pip install nncf``.
+
+    Returns:
+        ``xml_path`` (its ``.bin`` beside it).
+    """
+    from dfine.deploy.openvino_export import require_openvino
+
+    ov = require_openvino()
+    try:
+        import nncf
+    except ImportError as error:
+        raise ImportError("--int8-method nncf needs NNCF: pip install nncf") from error
+    model = ov.convert_model(str(fp32_path))
+    names = [port.get_any_name() for port in model.inputs]
+    dataset = nncf.Dataset(list(feeds), lambda feed: {name: feed[name] for name in names})
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+    ov.save_model(quantized, str(xml_path), compress_to_fp16=False)
+    logger.info("wrote %s (NNCF int8, calibrated on %d images)", xml_path, len(feeds))
+    return Path(xml_path)
 
 
 class SessionDetector(nn.Module):

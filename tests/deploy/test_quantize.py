@@ -63,3 +63,12 @@ def test_a_dataset_smaller_than_the_minimum_is_named() -> None:
     batches = [(torch.zeros(2, 3, 8, 8), [{"orig_size": torch.tensor([8, 8])}] * 2)]
     with pytest.raises(ConfigError, match="my_set has only 2 images"):
         calibration_feeds(batches, 300, "my_set")
+
+
+@pytest.mark.slow
+def test_nncf_method_writes_an_int8_ir_scored_in_openvino(tmp_path: Path) -> None:
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
+    code, printed = _export(tmp_path, "--int8", "--int8-method", "nncf", "--max-ap-drop", "1")
+    assert code == 0, printed
+    assert (tmp_path / "model_int8.xml").is_file() and (tmp_path / "model_int8.bin").is_file()
+    assert "INT8 in OpenVINO" in printed and "int8: AP" in printed
