@@ -168,3 +168,15 @@ def test_letterbox_has_no_processor_and_says_why(converted: dict) -> None:
     with pytest.raises(ValueError, match="cannot express a letterbox"):
         processor_settings(cfg)
     assert processor_settings(converted["cfg"])["size"] == {"height": SIZE, "width": SIZE}
+
+
+def test_fine_tuning_from_the_folder_with_other_classes_loads_what_fits(converted: dict) -> None:
+    from dfine.checkpoint import load_weights_for_finetune
+
+    six = dfine.load_config(CONFIG, [*converted["overrides"], "num_classes=6"])
+    checkpoint = load_checkpoint(converted["folder"], cfg=six)  # the check builds the folder's 4 classes
+    assert checkpoint["model"]["decoder.enc_score_head.weight"].shape[0] == 4
+    model = dfine.build_model(six)
+    load_weights_for_finetune(model, checkpoint)
+    backbone = "backbone.stem.stem1.conv.weight"
+    assert torch.equal(model.state_dict()[backbone], checkpoint["model"][backbone])
