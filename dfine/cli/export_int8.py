@@ -89,7 +89,10 @@ def quantize_and_evaluate(
         return _score(sessions, "OpenVINO", val, cfg, postprocessor, metadata, feeds, args)
     int8_path = quantize_onnx_int8(onnx_path, onnx_path.with_name(f"{onnx_path.stem}_int8.onnx"), feeds)
     print(f"wrote {int8_path} (INT8, calibrated on {len(feeds)} images of {source})")
-    sessions = {"fp32": make_session(onnx_path, args.threads), "int8": make_session(int8_path, args.threads)}
+    sessions = {
+        "fp32": make_session(onnx_path, args.threads, spinning=False),
+        "int8": make_session(int8_path, args.threads, spinning=False),
+    }
     runtime = "onnxruntime"
     if args.format == "openvino":
         int8_xml = convert_onnx_to_openvino(int8_path, int8_path.with_suffix(".xml"), metadata)

@@ -50,7 +50,7 @@ def benchmark_three_runtimes(
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    ort_session = make_session(onnx_path, num_threads=args.threads)
+    ort_session = make_session(onnx_path, num_threads=args.threads, spinning=False)
     threads = args.threads if args.threads is not None else "all"
     print(f"model latency, {threads} threads (PyTorch eager, deployed form; same inputs for all):")
     for batch_size in (1, 8) if args.dynamic_batch else (1,):
