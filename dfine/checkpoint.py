@@ -150,12 +150,16 @@ def _is_disk_full(error: BaseException) -> bool:
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", cfg: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``, or a HuggingFace D-FINE folder.
 
     Args:
-        path: the ``.pth`` file.
+        path: the ``.pth`` file, or a folder with ``config.json`` + ``model.safetensors`` (converted in
+            memory, with an output check, by ``dfine.hf.folder.checkpoint_from_hf_folder``).
         map_location: where tensors go (default CPU; move them after loading).
+        cfg: the resolved config of the model the weights go into; needed for a folder.
 
     Returns:
         The saved mapping.
@@ -166,6 +170,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ``weights_only`` refuses (the message names the object and how to re-save the file).
     """
     path = Path(path)
+    if path.is_dir() and cfg is not None:
+        from dfine.hf.folder import checkpoint_from_hf_folder  # the [hf] extra, only for folders
+
+        return checkpoint_from_hf_folder(path, cfg)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (resolved to {path.resolve()})")
     try:

@@ -70,7 +70,7 @@ def _main(argv: Sequence[str] | None) -> int:
         metrics: dict[str, Any] = dict(evaluator.metrics)
     else:
         device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        checkpoint = load_checkpoint(args.resume)
+        checkpoint = load_checkpoint(args.resume, cfg=cfg)
         weights, source = extract_model_state(checkpoint)
         model = build_model(cfg)
         load_weights_strict(model, weights)

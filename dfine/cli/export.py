@@ -14,8 +14,16 @@ Examples:
     dfine-export -c CFG -r CKPT --no-postprocess              # outputs pred_logits, pred_boxes (cxcywh 0..1)
     dfine-export -c CFG -r CKPT -u model.decoder.cross_attn_method=discrete   # graph without GridSample
     dfine-export -c CFG -r CKPT --random-inputs               # check on random images (no dataset needed)
+    dfine-export -c CFG -r CKPT --format openvino --dynamic-batch --benchmark --threads 2
+    dfine-export -c CFG -r hf/my_model ...                    # an HF folder (config.json + model.safetensors)
+    dfine-export -c CFG -r CKPT --int8 --calib-images 300 --max-ap-drop 0.01   # + INT8, scored on val
 
-Needs onnx and onnxruntime: pip install -e ".[export]". --simplify also needs onnxsim (pip install onnxsim).
+--format openvino converts the ONNX file to an OpenVINO IR (model.xml + model.bin, same inputs and outputs),
+checks it against PyTorch in the same way, and --benchmark then times PyTorch, onnxruntime and OpenVINO on the
+same batches (1, and 8 with --dynamic-batch), interleaved.
+
+Needs onnx and onnxruntime: pip install -e ".[export]". --simplify also needs onnxsim (pip install onnxsim);
+--format openvino needs openvino (pip install -e ".[openvino]").
 """
 
 from __future__ import annotations
@@ -53,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX file (default: <output_dir>/model.onnx, or beside the checkpoint without output_dir; "
         "model_raw.onnx with --no-postprocess)",
     )
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "openvino"),
+        default="onnx",
+        help="onnx (default), or openvino: the ONNX file plus an OpenVINO IR converted from it",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17; >= 16)")
     parser.add_argument(
         "--dynamic-batch",
@@ -77,6 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         action="store_true",
         help="time end to end (preprocess + model + postprocess) and the model alone in onnxruntime",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write <name>_int8.onnx (onnxruntime static QDQ quantisation; and its .xml with --format "
+        "openvino), evaluate fp32 and INT8 on the validation set and time both; exit 1 above --max-ap-drop",
+    )
+    parser.add_argument(
+        "--int8-method",
+        choices=("onnxruntime", "nncf"),
+        default="onnxruntime",
+        help="onnxruntime static QDQ (default; no extra package), or OpenVINO NNCF (pip install nncf; "
+        "scored in OpenVINO)",
+    )
+    parser.add_argument(
+        "--calib-images", type=int, default=300, help="INT8 calibration images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-ap-drop", type=float, default=0.01, help="largest accepted INT8 AP drop (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=20,
+        help="timed runs per runtime and batch of --format openvino's benchmark",
     )
     parser.add_argument(
         "--random-inputs",
@@ -206,19 +245,27 @@ def _providers(device: Any) -> list[str]:
 
 
 def _check_batches(
-    path: Path, reference: Any, images: Any, sizes: Any, args: argparse.Namespace, providers: list[str]
+    path: Path,
+    reference: Any,
+    images: Any,
+    sizes: Any,
+    args: argparse.Namespace,
+    providers: list[str],
+    session: Any = None,
 ) -> bool:
+    """Parity at batch 1 (and 2, 8 with --dynamic-batch) in onnxruntime, or in ``session`` (OpenVINO)."""
     from dfine.deploy.export_check import check_onnx_parity, repeat_to_batch
     from dfine.deploy.onnx_export import baked_batch_dimension, make_session
 
-    baked = baked_batch_dimension(path)
-    if baked and args.dynamic_batch:
-        print(
-            f"warning: batch dimension baked in as a constant for {', '.join(baked)} despite --dynamic-batch"
-        )
-    elif baked:
-        print("note: the batch dimension is fixed to 1; export with --dynamic-batch to run other batch sizes")
-    session = make_session(path, num_threads=args.threads, providers=providers)
+    runtime = "onnxruntime" if session is None else "OpenVINO"
+    if session is None:
+        baked = baked_batch_dimension(path)
+        if baked and args.dynamic_batch:
+            print(f"warning: batch dimension baked in as a constant for {', '.join(baked)} (--dynamic-batch)")
+        elif baked:
+            print("note: the batch dimension is fixed to 1; export with --dynamic-batch to run other sizes")
+        session = make_session(path, num_threads=args.threads, providers=providers)
+    print(f"{runtime} against PyTorch:")
     passed = True
     for batch_size in (1, 2, 8) if args.dynamic_batch else (1,):
         batch, batch_sizes = repeat_to_batch(images, None if args.no_postprocess else sizes, batch_size)
@@ -227,7 +274,7 @@ def _check_batches(
                 path, reference, batch, batch_sizes, tolerance=args.tolerance, session=session
             )
         except Exception as error:  # onnxruntime raises its own types (e.g. a baked reshape at batch 2)
-            print(f"batch {batch_size}: onnxruntime failed: {type(error).__name__}: {str(error)[:300]}")
+            print(f"batch {batch_size}: {runtime} failed: {type(error).__name__}: {str(error)[:300]}")
             passed = False
             continue
         print(result.summary())
@@ -242,9 +289,10 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
     from dfine.config.build import build_model, build_postprocessor
 
-    checkpoint = load_checkpoint(args.resume)
     device_override = [f"device={args.device}"] if args.device else []
-    image_size = _image_size(config_from_args(args, device_override), checkpoint)
+    base_cfg = config_from_args(args, device_override)
+    checkpoint = load_checkpoint(args.resume, cfg=base_cfg)
+    image_size = _image_size(base_cfg, checkpoint)
     cfg = config_from_args(args, [*device_override, f"eval_spatial_size=[{image_size[0]}, {image_size[1]}]"])
     device = torch.device(cfg.get("device") or "cpu")  # CPU unless asked: onnxruntime checks on the CPU
     if device.type == "cuda":
@@ -323,10 +371,19 @@ def _main(argv: Sequence[str] | None) -> int:
     reference = ExportableDetector(model, postprocessor)
     providers = _providers(device)
     passed = _check_batches(output, reference, images.to(device), sizes.to(device), args, providers)
-    if args.benchmark:
+    if args.format == "openvino":
+        from dfine.cli.export_openvino import export_and_check_openvino
+
+        passed = export_and_check_openvino(output, reference, images, sizes, args, metadata, passed)
+    elif args.benchmark:
         _benchmark(output, cfg, images, sizes, preprocess, args, providers)
+    if args.int8 and passed:
+        from dfine.cli.export_int8 import quantize_and_evaluate
+
+        if not quantize_and_evaluate(output, cfg, postprocessor, args, metadata):
+            return 1
     if not passed:
-        print(f"error: onnxruntime differs from PyTorch by more than --tolerance {args.tolerance:g}")
+        print(f"error: the exported model differs from PyTorch by more than --tolerance {args.tolerance:g}")
         return 1
     return 0
 

@@ -11,6 +11,7 @@ Examples:
     dfine-predict -c configs/quickstart.yml -r output/quickstart/best.pth --input shapes/
     dfine-predict -c CFG -r CKPT --input street.jpg --threshold 0.3 --output output/street
     dfine-predict -c CFG -r CKPT --input clip.mp4 -d cuda    # videos need: pip install "dfine[video]"
+    dfine-predict -c CFG -r output/quickstart/model.xml --input shapes/   # the exported OpenVINO IR / .onnx
 """
 
 from __future__ import annotations
@@ -146,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(parser)
     parser.add_argument(
-        "-r", "--resume", "--checkpoint", dest="resume", required=True, metavar="CKPT", help="weights to use"
+        "-r",
+        "--resume",
+        "--checkpoint",
+        dest="resume",
+        required=True,
+        metavar="CKPT",
+        help="weights: a .pth, an HF folder, or an exported model.onnx / OpenVINO model.xml",
     )
     parser.add_argument(
         "-i", "--input", required=True, metavar="PATH", help="an image, a folder of images, or a video"
@@ -266,6 +273,15 @@ class _Run:
         self._row(f"{path.name} ({num_frames} frames)", sum(counts.values()), common)
 
 
+def _predictor(cfg: Any, args: argparse.Namespace) -> Predictor:
+    """A checkpoint / HF folder in PyTorch, or an exported ``.onnx`` / OpenVINO ``.xml`` in its runtime."""
+    if Path(args.resume).suffix in (".onnx", ".xml"):
+        from dfine.deploy.exported_predictor import ExportedPredictor
+
+        return ExportedPredictor(cfg, args.resume, threshold=args.threshold)
+    return Predictor(cfg, args.resume, threshold=args.threshold)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, [f"device={args.device}"] if args.device else [])
@@ -277,7 +293,7 @@ def _main(argv: Sequence[str] | None) -> int:
     outputs = _output_paths(inputs, output)
     if any(is_video(path) for path in inputs):
         _import_cv2()  # before any picture is written
-    run = _Run(Predictor(cfg, args.resume, threshold=args.threshold), outputs, args.batch_size)
+    run = _Run(_predictor(cfg, args), outputs, args.batch_size)
     run.images([path for path in inputs if not is_video(path)], strict=not Path(args.input).is_dir())
     for path in inputs:
         if is_video(path):

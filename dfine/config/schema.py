@@ -86,6 +86,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "train_dataloader": (_MAP, "{dataset: {...}, total_batch_size: 32}"),
     "val_dataloader": (_MAP, "{dataset: {...}, total_batch_size: 64}"),
     "summary_dir": (_STR, "./output/run/summary"),
+    "loggers": (_LIST, "[tensorboard, mlflow, wandb]"),
 }
 # Accepted for compatibility with the original configs; they do nothing here.
 IGNORED_TOP_LEVEL = frozenset({"use_wandb", "project_name", "exp_name"})

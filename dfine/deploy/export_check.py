@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from dfine.deploy.onnx_export import DETECTION_OUTPUTS, IMAGE_INPUT, SIZE_INPUT, make_session
 
-__all__ = ["LatencyStats", "ParityResult", "benchmark_onnx", "check_onnx_parity", "repeat_to_batch"]
+__all__ = [
+    "LatencyStats",
+    "ParityResult",
+    "benchmark_onnx",
+    "benchmark_runtimes",
+    "check_onnx_parity",
+    "repeat_to_batch",
+]
 
 
 @dataclass
@@ -300,4 +307,20 @@ def benchmark_onnx(
             return postprocess(outputs) if postprocess is not None else outputs
 
         calls["end_to_end"] = end_to_end
+    return _time_interleaved(calls, warmup, iterations, batch_size)
+
+
+def benchmark_runtimes(
+    calls: Mapping[str, Callable[[], Any]], batch_size: int, warmup: int = 3, iterations: int = 20
+) -> dict[str, LatencyStats]:
+    """Latency of several runtimes on the same batch, timed in turn within each iteration.
+
+    Args:
+        calls: ``{"PyTorch": ..., "onnxruntime": ..., "OpenVINO": ...}``, each running the model once.
+        batch_size: images per call (for the per-image figure).
+        warmup, iterations: untimed and timed calls of each.
+
+    Returns:
+        ``{name: LatencyStats}`` in the order of ``calls``.
+    """
     return _time_interleaved(calls, warmup, iterations, batch_size)

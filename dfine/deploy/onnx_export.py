@@ -283,16 +283,23 @@ def graph_op_types(path: str | Path) -> set[str]:
 
 
 def make_session(
-    path: str | Path, num_threads: int | None = None, providers: Sequence[str] | None = None
+    path: str | Path,
+    num_threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    spinning: bool = True,
 ) -> Any:
     """An onnxruntime ``InferenceSession`` for ``path`` (CPU unless ``providers`` says otherwise).
 
     Args:
         num_threads: intra-op threads (default: onnxruntime's choice, all cores).
         providers: execution providers in order of preference, default ``["CPUExecutionProvider"]``.
+        spinning: let idle threads spin (onnxruntime's default). Off when other runtimes are timed in the
+            same process: spinning threads would steal their cores between calls.
     """
     _, runtime = require_onnx()
     options = runtime.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if num_threads is not None:
         options.intra_op_num_threads = int(num_threads)
         options.inter_op_num_threads = 1

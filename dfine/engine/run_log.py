@@ -1,4 +1,4 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (one line per epoch), TensorBoard event files, the epoch
+"""Where a run's numbers go: ``metrics.jsonl`` (one line per epoch), TensorBoard (or MLflow / W&B), the epoch
 summary line of the log, and the progress of each epoch (:class:`EpochProgress`).
 
 Only rank 0 writes; on other ranks a :class:`RunLog` is built with ``enabled=False`` and every call returns at
@@ -21,6 +21,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from dfine.engine.loggers import check_loggers, open_loggers
 
 __all__ = ["EpochProgress", "RunLog", "format_epoch_record", "json_safe", "peak_memory_mb"]
 
@@ -47,23 +49,30 @@ class RunLog:
         output_dir: the run folder; ``metrics.jsonl`` is written there.
         summary_dir: TensorBoard folder (the original's ``summary_dir``); default ``output_dir/summary``.
         enabled: ``False`` on ranks other than 0.
+        loggers: the config's ``loggers`` (default TensorBoard only; see :mod:`dfine.engine.loggers`).
+        cfg: the resolved config, logged as params by MLflow / W&B.
     """
 
     def __init__(
-        self, output_dir: str | Path, summary_dir: str | Path | None = None, enabled: bool = True
+        self,
+        output_dir: str | Path,
+        summary_dir: str | Path | None = None,
+        enabled: bool = True,
+        loggers: Sequence[str] | None = None,
+        cfg: Mapping[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.metrics_path = Path(output_dir) / "metrics.jsonl"
         self.summary_dir = Path(summary_dir) if summary_dir else Path(output_dir) / "summary"
+        self.loggers = check_loggers(loggers)  # a typo or a missing package fails before training starts
+        self.cfg = cfg or {}
         self._writer: Any = None
 
     @property
     def writer(self) -> Any:
-        """The TensorBoard ``SummaryWriter``, opened on first use (it creates the event file)."""
+        """The configured trackers as one ``SummaryWriter``-like writer, opened on first use."""
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when logging
-
-            self._writer = SummaryWriter(str(self.summary_dir))
+            self._writer = open_loggers(self.loggers, self.metrics_path.parent, self.summary_dir, self.cfg)
         return self._writer
 
     def restart(self, history: Sequence[Mapping[str, Any]]) -> None:

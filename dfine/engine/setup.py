@@ -321,7 +321,7 @@ def load_tuning_weights(
 ) -> None:
     """``-t``: load what fits from ``path``; class-head rows follow ``class_map`` or ``tune_class_map``."""
     logger.info("fine-tuning from %s", path)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, cfg=cfg)
     if class_map is None:
         class_map = _class_map_by_name(cfg, path, checkpoint, train_dataset)
     load_weights_for_finetune(model, checkpoint, class_map=class_map)  # logs its report

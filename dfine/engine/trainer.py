@@ -49,7 +49,8 @@ class Trainer:
         self.warned_zero_ap = False
         self.signals = StopSignals()  # installed while fit() runs
         enabled = run.context.is_main
-        self.run_log = RunLog(run.output_dir, run.cfg.get("summary_dir"), enabled=enabled)
+        loggers = run.cfg.get("loggers")
+        self.run_log = RunLog(run.output_dir, run.cfg.get("summary_dir"), enabled, loggers, run.cfg)
         self.run_log.restart(self.state.history)  # after a resume: epochs the checkpoint never saw go
         self.report = EvalReport(run.output_dir, self.run_log, class_names=run.class_names, enabled=enabled)
 

@@ -348,7 +348,10 @@ def _anchor_buffers(facts: LayoutFacts) -> dict[str, Tensor]:
 
 
 def save_hf_pretrained(
-    model_state_dict: Mapping[str, Tensor], cfg: Mapping[str, Any], folder: str | Path
+    model_state_dict: Mapping[str, Tensor],
+    cfg: Mapping[str, Any],
+    folder: str | Path,
+    config_settings: Mapping[str, Any] | None = None,
 ) -> DFineConfig:
     """Write ``model.safetensors`` and ``config.json`` that ``DFineForObjectDetection.from_pretrained`` loads.
 
@@ -360,12 +363,16 @@ def save_hf_pretrained(
         model_state_dict: our state dict.
         cfg: our resolved config.
         folder: output directory (created if missing).
+        config_settings: extra ``DFineConfig`` attributes, e.g. ``id2label`` / ``label2id`` (see
+            ``dfine.hf.folder.label_settings``).
 
     Returns:
         The ``DFineConfig`` written to ``config.json``.
     """
     transformers = import_transformers()
     config = hf_config_from_dfine_config(cfg)
+    for key, value in (config_settings or {}).items():
+        setattr(config, key, value)
     model = transformers.DFineForObjectDetection(config)
     model.load_state_dict(dfine_to_hf_state_dict(model_state_dict, cfg), strict=True)
     Path(folder).mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,14 @@ from dfine.data.transforms import original_frame_size
 from dfine.evaluation.loop import predict_batch
 from dfine.models.coco_categories import COCO80_TO_COCO91, COCO_NAMES
 
-__all__ = ["ClassTable", "PredictInputError", "Prediction", "Predictor", "resolve_class_table"]
+__all__ = [
+    "ClassTable",
+    "PredictInputError",
+    "Prediction",
+    "Predictor",
+    "resolve_class_table",
+    "val_transforms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +189,18 @@ def _without_pretrained(cfg: Config) -> Config:
     return Config(data, getattr(cfg, "sources", {}))
 
 
+def val_transforms(cfg: Mapping[str, Any]) -> Any:
+    """The config's validation transforms, which turn a picture into the model's input."""
+    loader_block = cfg.get("val_dataloader")
+    if not isinstance(loader_block, Mapping) or not isinstance(loader_block.get("dataset"), Mapping):
+        raise ConfigError(
+            "val_dataloader.dataset is missing: prediction preprocesses pictures with its transforms "
+            "(e.g. a Resize to the model's input size and ConvertPILImage)"
+        )
+    where = cfg.where("val_dataloader.dataset.transforms") if isinstance(cfg, Config) else "transforms"
+    return build_transforms(loader_block["dataset"].get("transforms"), where=where)
+
+
 class Predictor:
     """A checkpoint ready to detect objects in pictures.
 
@@ -213,16 +232,9 @@ class Predictor:
         self.device = torch.device(
             device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        loader_block = cfg.get("val_dataloader")
-        if not isinstance(loader_block, Mapping) or not isinstance(loader_block.get("dataset"), Mapping):
-            raise ConfigError(
-                "val_dataloader.dataset is missing: prediction preprocesses pictures with its transforms "
-                "(e.g. a Resize to the model's input size and ConvertPILImage)"
-            )
-        where = cfg.where("val_dataloader.dataset.transforms") if isinstance(cfg, Config) else "transforms"
-        self.transforms = build_transforms(loader_block["dataset"].get("transforms"), where=where)
+        self.transforms = val_transforms(cfg)
 
-        loaded = load_checkpoint(checkpoint)
+        loaded = load_checkpoint(checkpoint, cfg=cfg)
         weights, self.weights_source = extract_model_state(loaded)
         self.classes = resolve_class_table(cfg, loaded)
         self._category_of_label = torch.tensor(self.classes.category_ids, dtype=torch.int64)
@@ -290,10 +302,14 @@ class Predictor:
         for indices in groups.values():
             batch = torch.stack([inputs[i][0] for i in indices]).to(self.device)  # [B, 3, H, W]
             frames = torch.stack([inputs[i][1] for i in indices]).to(self.device)  # [B, 2] (w, h)
-            results = predict_batch(self.model, self.postprocessor, batch, frames)
+            results = self._detect(batch, frames)
             for index, result in zip(indices, results, strict=True):
                 predictions[index] = self._select(result, pictures[index].size)
         return predictions  # type: ignore[return-value]
+
+    def _detect(self, batch: Tensor, frames: Tensor) -> list[dict[str, Tensor]]:
+        """Per picture ``labels``, ``boxes`` (xyxy pixels of ``frames``), ``scores``, best first."""
+        return predict_batch(self.model, self.postprocessor, batch, frames)
 
     def _select(self, result: Mapping[str, Tensor], image_size: tuple[int, int]) -> Prediction:
         """Detections above the threshold whose label has a class (as evaluation drops the others)."""

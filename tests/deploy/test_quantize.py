@@ -1,0 +1,74 @@
+"""INT8 quantisation and scoring (``dfine.deploy.quantize``, ``dfine-export --int8``) on a tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import CONFIG, TINY_MODEL
+
+import dfine
+from dfine.cli import export as export_cli
+from dfine.config.registry import ConfigError
+from dfine.deploy.onnx_export import graph_op_types
+from dfine.deploy.quantize import MIN_CALIBRATION_IMAGES, calibration_feeds
+from dfine.models.realistic_weights import realistic_state_dict
+
+pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[export]")')
+
+SIZE = 64
+
+
+def _export(tmp_path: Path, *flags: str) -> tuple[int, str]:
+    overrides = [f"eval_spatial_size=[{SIZE}, {SIZE}]", *TINY_MODEL]
+    model = dfine.build_model(dfine.load_config(CONFIG, overrides))
+    checkpoint = tmp_path / "best.pth"
+    torch.save({"model": realistic_state_dict(model, seed=1)}, checkpoint)
+    ops = f"[{{type: Resize, size: [{SIZE}, {SIZE}]}}, {{type: ConvertPILImage, scale: true}}]"
+    data = [
+        *overrides,
+        f"train_dataloader.dataset.root={tmp_path / 'data'}",
+        f"val_dataloader.dataset.root={tmp_path / 'data'}",
+        f"train_dataloader.dataset.num_images={MIN_CALIBRATION_IMAGES}",
+        "val_dataloader.dataset.num_images=3",
+        "val_dataloader.num_workers=0",
+        f"val_dataloader.dataset.transforms.ops={ops}",
+    ]
+    argv = ["-c", str(CONFIG), "-r", str(checkpoint), "-o", str(tmp_path / "model.onnx"), "--threads", "1"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = export_cli.main([*argv, "--iterations", "2", *flags, "-u", *data])
+    return code, printed.getvalue()
+
+
+def test_int8_file_is_quantised_scored_and_timed_and_the_drop_limit_is_enforced(tmp_path: Path) -> None:
+    code, printed = _export(tmp_path, "--int8", "--calib-images", "300", "--max-ap-drop", "-1")
+    int8 = tmp_path / "model_int8.onnx"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= graph_op_types(int8)
+    assert "calibrated on 16 images of train_dataloader.dataset" in printed  # all it had (fewer than 300)
+    assert "fp32: AP" in printed and "int8: AP" in printed and "AP drop" in printed
+    assert code == 1 and "more than --max-ap-drop -1" in printed  # any drop, even 0, exceeds -1
+
+
+def test_too_few_calibration_images_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    code, _ = _export(tmp_path, "--int8", "--calib-images", "4")
+    assert code == 2
+    assert "--calib-images 4 is too few" in capsys.readouterr().err
+
+
+def test_a_dataset_smaller_than_the_minimum_is_named() -> None:
+    batches = [(torch.zeros(2, 3, 8, 8), [{"orig_size": torch.tensor([8, 8])}] * 2)]
+    with pytest.raises(ConfigError, match="my_set has only 2 images"):
+        calibration_feeds(batches, 300, "my_set")
+
+
+@pytest.mark.slow
+def test_nncf_method_writes_an_int8_ir_scored_in_openvino(tmp_path: Path) -> None:
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
+    code, printed = _export(tmp_path, "--int8", "--int8-method", "nncf", "--max-ap-drop", "1")
+    assert code == 0, printed
+    assert (tmp_path / "model_int8.xml").is_file() and (tmp_path / "model_int8.bin").is_file()
+    assert "INT8 in OpenVINO" in printed and "int8: AP" in printed
