@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,7 +35,7 @@ import numpy as np
 from dfine.data.base import DetectionDataset
 from dfine.data.image_checks import PROBLEMS, check_images
 
-__all__ = ["DatasetReport", "Finding", "check_dataset"]
+__all__ = ["DatasetReport", "Finding", "check_dataset", "existing_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,40 @@ def check_dataset(
     return report
 
 
+def existing_files(paths: Sequence[str], num_threads: int = 8) -> list[bool]:
+    """Which of ``paths`` are files, reading each folder's listing once instead of one stat per file.
+
+    Objects365's 1.7M images sit in a few dozen folders: a few dozen listings take seconds where 1.7M
+    ``isfile`` calls take minutes. A folder that cannot be listed falls back to ``isfile`` per path; an entry
+    that is listed but is not a regular file (a folder, a dangling link) counts as missing.
+    """
+    by_folder: dict[str, list[int]] = {}
+    for index, path in enumerate(paths):
+        by_folder.setdefault(os.path.dirname(path), []).append(index)
+
+    def listing(folder: str) -> dict[str, bool] | None:
+        try:
+            with os.scandir(folder or ".") as entries:
+                return {entry.name: entry.is_file() for entry in entries}
+        except OSError:
+            return None
+
+    found = [False] * len(paths)
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        listings = dict(zip(by_folder, pool.map(listing, by_folder), strict=True))
+        for folder, indices in by_folder.items():
+            names = listings[folder]
+            if names is None:
+                for index, ok in zip(
+                    indices, pool.map(os.path.isfile, [paths[i] for i in indices]), strict=True
+                ):
+                    found[index] = ok
+                continue
+            for index in indices:
+                found[index] = names.get(os.path.basename(paths[index]), False)
+    return found
+
+
 def _image_sizes(
     dataset: DetectionDataset, mode: str, num_threads: int, report: DatasetReport
 ) -> list[tuple[int, int] | None]:
@@ -178,8 +212,7 @@ def _image_sizes(
 
     paths = [dataset.image_path(index) for index in range(len(table))]
     if mode == "exists":
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            found = list(pool.map(os.path.isfile, paths, chunksize=256))
+        found = existing_files(paths, num_threads)
         results = [(None, declared[i]) if ok else ("missing", None) for i, ok in enumerate(found)]
     else:
         remember, identity = None, ""

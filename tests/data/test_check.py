@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,23 @@ def test_malformed_bbox_entries_are_reported_not_fatal(tmp_path):
     dataset = CocoDetection(str(tmp_path), str(tmp_path / "ann.json"))
     assert check_dataset(dataset).count("degenerate") == 2
     assert dataset.load_item(0)[1]["boxes"].tolist() == [[4.0, 4.0, 12.0, 12.0]]
+
+
+def test_existing_files_reads_folder_listings_and_tells_files_from_everything_else(tmp_path):
+    from dfine.data.check import existing_files
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "folder.jpg").mkdir()  # listed, but not a file
+    (tmp_path / "a" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"b")
+    paths = [
+        str(tmp_path / "a" / "x.jpg"),
+        str(tmp_path / "a" / "missing.jpg"),
+        str(tmp_path / "a" / "folder.jpg"),
+        str(tmp_path / "a" / "dangling.jpg"),
+        str(tmp_path / "b.jpg"),
+        str(tmp_path / "no-such-folder" / "y.jpg"),  # unlistable folder: falls back to isfile
+    ]
+    assert existing_files(paths, num_threads=2) == [True, False, False, False, True, False]
+    assert existing_files(paths, num_threads=2) == [os.path.isfile(path) for path in paths]
