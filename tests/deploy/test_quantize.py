@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip ins
 SIZE = 64
 
 
-def _export(tmp_path: Path, *flags: str) -> tuple[int, str]:
+def _export(tmp_path: Path, *flags: str, own_process: bool = False) -> tuple[int, str]:
     overrides = [f"eval_spatial_size=[{SIZE}, {SIZE}]", *TINY_MODEL]
     model = dfine.build_model(dfine.load_config(CONFIG, overrides))
     checkpoint = tmp_path / "best.pth"
@@ -38,6 +40,10 @@ def _export(tmp_path: Path, *flags: str) -> tuple[int, str]:
         f"val_dataloader.dataset.transforms.ops={ops}",
     ]
     argv = ["-c", str(CONFIG), "-r", str(checkpoint), "-o", str(tmp_path / "model.onnx"), "--threads", "1"]
+    if own_process:
+        command = [sys.executable, "-m", "dfine.cli.export", *argv, "--iterations", "2", *flags, "-u", *data]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        return done.returncode, done.stdout + done.stderr
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = export_cli.main([*argv, "--iterations", "2", *flags, "-u", *data])
@@ -68,7 +74,10 @@ def test_a_dataset_smaller_than_the_minimum_is_named() -> None:
 @pytest.mark.slow
 def test_nncf_method_writes_an_int8_ir_scored_in_openvino(tmp_path: Path) -> None:
     pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
-    code, printed = _export(tmp_path, "--int8", "--int8-method", "nncf", "--max-ap-drop", "1")
+    # its own process: after an in-process NNCF quantisation, a later test's SIGTERM to torchrun
+    # (test_elastic) ended the pytest process itself (twice in full local runs; the cause is not found)
+    flags = ("--int8", "--int8-method", "nncf", "--max-ap-drop", "1")
+    code, printed = _export(tmp_path, *flags, own_process=True)
     assert code == 0, printed
     assert (tmp_path / "model_int8.xml").is_file() and (tmp_path / "model_int8.bin").is_file()
     assert "INT8 in OpenVINO" in printed and "int8: AP" in printed
