@@ -7,12 +7,13 @@ Examples:
     dfine-train -c CFG --exist-ok                   # start over in an output_dir that holds a run
     dfine-train -c CFG -t dfine_s_obj365.pth        # fine-tune from weights (class heads re-initialised)
     torchrun --nproc_per_node=4 -m dfine.cli.train -c CFG
-Exit codes: 0 done, 1 crash, 2 bad input (message says what to fix), 75 stopped by SIGTERM/SIGUSR1 after
-saving last.pth (resume with -r auto), 130 Ctrl-C (last.pth saved).
     dfine-train -c CFG --print-config               # show the fully resolved config and exit
     dfine-train -c CFG --check-data                 # check images and annotations, exit 0 when trainable
     dfine-train -c CFG --check-data full            # ... and decode every image
     dfine-train -c CFG --show-batch 2               # draw 2 augmented training batches to output_dir
+
+Exit codes: 0 done, 1 crash, 2 bad input (message says what to fix), 75 stopped by SIGTERM/SIGUSR1 after
+saving last.pth (resume with -r auto), 130 Ctrl-C (last.pth saved).
 """
 
 from __future__ import annotations
