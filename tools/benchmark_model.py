@@ -97,8 +97,7 @@ def our_model(cfg: dict, weights: dict[str, Tensor], device: torch.device, form:
     if form != "eager":
         model.deploy()
     if form == "deploy":
-        model.channels_last = False
-        model.to(memory_format=torch.contiguous_format)
+        model.use_channels_last(False)
     return model
 
 

@@ -1,14 +1,18 @@
 """Training-step throughput with the per-phase split: ours, and the original D-FINE in the same run.
 
-Each step is what the trainer does: forward (under autocast when --bf16), criterion (fp32), backward, then
-gradient clipping + AdamW + EMA. Batches are synthetic (random images, 2-8 random boxes per image) so the
-figures show the engine and model, not the disk; ``tools/benchmark_data.py`` measures the loader.
+Ours runs with the speed settings the trainer applies (``dfine.engine.acceleration``: channels-last on a CPU;
+``-u compile=true`` adds torch.compile, whose first steps compile). Each step is what the trainer does:
+forward (under autocast when --bf16), criterion (fp32), backward, then gradient clipping + AdamW + EMA. The
+variants are timed in interleaved rounds (one step of each per round). Batches are synthetic (random images,
+2-8 random boxes per image) so the figures show the engine and model, not the disk;
+``tools/benchmark_data.py`` measures the loader.
 
 Usage::
 
     python tools/benchmark_train.py --sizes n s --image-sizes 640 320 --batch-size 8
     python tools/benchmark_train.py --sizes n --image-sizes 640 --batch-size 4 --bf16
     DFINE_ORIG_DIR=../D-FINE python tools/benchmark_train.py --sizes n --batch-size 4 --original
+    python tools/benchmark_train.py --sizes n --batch-size 4 -u channels_last=false   # the NCHW step
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import dfine
+from dfine.engine.acceleration import apply_speed_settings, compile_hot_modules
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_optimizer
 
@@ -47,47 +53,62 @@ def make_batch(batch_size: int, size: int, num_classes: int, seed: int) -> tuple
     return images, targets
 
 
-def time_steps(
-    model: torch.nn.Module,
-    criterion: Callable[..., dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    ema: ModelEMA,
-    batch: tuple[torch.Tensor, list[dict]],
-    steps: int,
-    bf16: bool,
-) -> dict[str, float]:
-    """Median seconds per phase over ``steps`` steps, after ``WARMUP_STEPS`` (oneDNN and the allocator are
-    slow for the first steps of a process)."""
-    images, targets = batch
-    samples: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    model.train()
-    for step in range(WARMUP_STEPS + steps):
+@dataclass
+class Runner:
+    """One variant being timed: what a trainer step touches, and its per-phase samples."""
+
+    name: str
+    model: torch.nn.Module
+    criterion: Callable[..., dict[str, torch.Tensor]]
+    optimizer: torch.optim.Optimizer
+    ema: ModelEMA
+    bf16: bool = False
+    samples: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
+
+    def step(self, images: torch.Tensor, targets: list[dict], record: bool) -> None:
+        self.model.train()
         marks = [time.perf_counter()]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(images, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = self.model(images, targets)
         marks.append(time.perf_counter())
-        losses = criterion(outputs, targets)
+        losses = self.criterion(outputs, targets)
         loss = sum(losses.values())
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
         marks.append(time.perf_counter())
-        if step >= WARMUP_STEPS:
+        if record:
             for phase, start, end in zip(PHASES, marks, marks[1:], strict=False):
-                samples[phase].append(end - start)
-    return {phase: statistics.median(values) for phase, values in samples.items()}
+                self.samples[phase].append(end - start)
+
+    def medians(self) -> dict[str, float]:
+        return {phase: statistics.median(values) for phase, values in self.samples.items()}
 
 
-def ours(size: str, image_size: int) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+def time_interleaved(runners: list[Runner], batch: tuple[torch.Tensor, list[dict]], steps: int) -> None:
+    """``WARMUP_STEPS`` untimed steps (oneDNN and the allocator are slow at first), then ``steps`` rounds of
+    one step per runner, so that load from elsewhere on a shared machine falls on all runners alike."""
+    images, targets = batch
+    for round_index in range(WARMUP_STEPS + steps):
+        for runner in runners:
+            runner.step(images, targets, record=round_index >= WARMUP_STEPS)
+
+
+def ours(
+    size: str, image_size: int, overrides: list[str]
+) -> tuple[torch.nn.Module, Any, dict[str, Any], str]:
+    """Our model and criterion with the speed settings the trainer applies on this CPU (and ``overrides``)."""
     cfg = dfine.load_config(
         ROOT / f"configs/dfine/dfine_hgnetv2_{size}_coco.yml",
-        [f"eval_spatial_size=[{image_size}, {image_size}]"],
+        [f"eval_spatial_size=[{image_size}, {image_size}]", *overrides],
     )
-    return dfine.build_model(cfg), dfine.build_criterion(cfg), cfg
+    model = dfine.build_model(cfg)
+    settings = apply_speed_settings(model, cfg, torch.device("cpu"))
+    return model, dfine.build_criterion(cfg), cfg, ", ".join(settings) or "NCHW"
 
 
 def original(size: str, image_size: int) -> tuple[torch.nn.Module, Any]:
@@ -107,7 +128,7 @@ def report(name: str, phases: dict[str, float], batch_size: int, reference: floa
     total = sum(phases.values())
     split = "  ".join(f"{phase} {1000 * seconds:7.0f}ms" for phase, seconds in phases.items())
     ratio = f"  x{total / reference:.2f} of original" if reference else ""
-    print(f"{name:34s} {batch_size / total:7.2f} img/s  step {1000 * total:7.0f}ms  {split}{ratio}")
+    print(f"{name:52s} {batch_size / total:7.2f} img/s  step {1000 * total:7.0f}ms  {split}{ratio}")
     return total
 
 
@@ -122,28 +143,49 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--original", action="store_true", help="time the original D-FINE first (one size)")
+    parser.add_argument(
+        "-u", "--update", nargs="*", default=[], help="config overrides for ours, e.g. channels_last=false"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"batch {args.batch_size}, {args.threads} threads, median of {args.steps} steps, synthetic batches")
+    print(
+        f"batch {args.batch_size}, {args.threads} threads, median of {args.steps} interleaved steps, "
+        "synthetic batches"
+    )
     for size in args.sizes:
         for image_size in args.image_sizes:
             batch = make_batch(args.batch_size, image_size, 80, seed=0)
-            reference = None
+            runners = []
             if args.original:
                 torch.manual_seed(0)
                 model, criterion = original(size, image_size)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                phases = time_steps(model, criterion, optimizer, ModelEMA(model), batch, args.steps, False)
-                reference = report(
-                    f"original {size.upper()} {image_size}px fp32", phases, args.batch_size, None
+                runners.append(
+                    Runner(
+                        f"original {size.upper()} {image_size}px fp32",
+                        model,
+                        criterion,
+                        optimizer,
+                        ModelEMA(model),
+                    )
                 )
             for bf16 in (False, True) if args.bf16 else (False,):
                 torch.manual_seed(0)
-                model, criterion, cfg = ours(size, image_size)
+                model, criterion, cfg, settings = ours(size, image_size, args.update)
                 optimizer = build_optimizer(model, cfg["optimizer"])
-                phases = time_steps(model, criterion, optimizer, ModelEMA(model), batch, args.steps, bf16)
-                name = f"dfine {size.upper()} {image_size}px {'bf16' if bf16 else 'fp32'}"
-                report(name, phases, args.batch_size, reference)
+                ema = ModelEMA(model)
+                if cfg.get("compile"):
+                    compile_hot_modules(model)
+                name = f"dfine {size.upper()} {image_size}px {'bf16' if bf16 else 'fp32'} ({settings})"
+                runners.append(Runner(name, model, criterion, optimizer, ema, bf16))
+            time_interleaved(runners, batch, args.steps)
+            reference = (
+                report(runners[0].name, runners[0].medians(), args.batch_size, None)
+                if args.original
+                else None
+            )
+            for runner in runners[1 if args.original else 0 :]:
+                report(runner.name, runner.medians(), args.batch_size, reference)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB")
 

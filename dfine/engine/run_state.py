@@ -151,6 +151,12 @@ class RunState:
         self.history = list(checkpoint.get("history") or [])
 
 
+def _standard_layout(weights: dict[str, Any]) -> dict[str, Any]:
+    """``weights`` with channels-last tensors copied to the standard layout: the file is the same whatever
+    memory format training used, and tools that need contiguous tensors (safetensors) take it as it is."""
+    return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+
+
 class RunCheckpoints:
     """The run's checkpoint files: what goes into them, writing them (rank 0 only) and resuming from them.
 
@@ -182,9 +188,12 @@ class RunCheckpoints:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly (the layout in the module docstring)."""
         step = self.step
+        ema = step.ema.state_dict() if step.ema is not None else None
+        if ema is not None:
+            ema["module"] = _standard_layout(ema["module"])
         return {
-            "model": step.model.state_dict(),
-            "ema": step.ema.state_dict() if step.ema is not None else None,
+            "model": _standard_layout(step.model.state_dict()),
+            "ema": ema,
             "optimizer": step.optimizer.state_dict(),
             "lr_schedule": step.lr_schedule.state_dict(),
             "scaler": step.scaler.state_dict(),

@@ -24,6 +24,7 @@ from dfine.config import Config, dump_config
 from dfine.config.build import build_criterion, build_model, build_postprocessor
 from dfine.config.registry import ConfigError
 from dfine.config.stage_two import resolve_stage_two
+from dfine.engine.acceleration import apply_speed_settings, compile_hot_modules
 from dfine.engine.ema import ModelEMA, build_ema
 from dfine.engine.optim import build_optimizer, group_summary, param_groups_from_config, scale_for_batch_size
 from dfine.engine.precision import build_grad_scaler, choose_precision
@@ -151,9 +152,15 @@ def build_training(
     if tune:
         load_tuning_weights(model, cfg, tune, class_map, train_loader.dataset)
     frozen = freeze_parameters(model, cfg)  # before the optimizer, which only takes trainable parameters
+    speed_settings = apply_speed_settings(model, cfg, device)  # memory layout before DDP's buckets
     model, train_model = wrap_for_distributed(model, cfg, context)
     optimizer, lr_schedule = _build_optimization(model, cfg, len(train_loader), epochs)
     ema = build_ema(cfg.get("ema"), model, cfg.where("ema")) if cfg.get("use_ema") else None
+    if cfg.get("compile"):  # after the EMA copy, which must stay an ordinary module
+        compile_hot_modules(model)
+        speed_settings.append("torch.compile(backbone, encoder)")
+    if speed_settings:
+        logger.info("speed settings: %s", ", ".join(speed_settings))
     state = RunState(seed=seed)
     step = _build_step(  # precision (choose_precision), accumulation, clipping, DDP graph anchors
         cfg, context, output_dir, state, model, train_model, criterion, optimizer, lr_schedule, ema

@@ -28,7 +28,7 @@ class DFINE(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
-        self.channels_last = False  # set by deploy(): oneDNN convolutions are faster in NHWC on CPU
+        self.channels_last = False  # see use_channels_last()
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Detect objects.
@@ -54,6 +54,14 @@ class DFINE(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "convert_to_deploy"):
                 module.convert_to_deploy()
-        self.to(memory_format=torch.channels_last)
-        self.channels_last = True
+        return self.use_channels_last()
+
+    def use_channels_last(self, enabled: bool = True) -> DFINE:
+        """Keep the 4-D weights in channels-last (NHWC) memory and convert each input batch to it on entry.
+
+        oneDNN's convolutions (CPU) and cuDNN's tensor-core kernels (CUDA, fp16/bf16) run fastest in NHWC;
+        callers keep passing ordinary NCHW tensors. State-dict keys and values do not change.
+        """
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = enabled
         return self

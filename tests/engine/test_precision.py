@@ -16,22 +16,29 @@ from dfine.engine.precision import build_grad_scaler
 from dfine.engine.setup import build_training
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+FP16 = ("use_amp=true", "amp_dtype=float16")
 
 
-def test_amp_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(
+def test_amp_on_a_cpu_without_native_half_precision_falls_back_to_fp32_with_a_warning(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    monkeypatch.setattr(precision, "_cpu_has_fast_fp16", lambda: False)
     monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="dfine.engine.precision"):
-        run = build_training(tiny_config(tmp_path, data_root, "use_amp=true", epochs=1))
+        run = build_training(tiny_config(tmp_path, data_root, *FP16, epochs=1))
     assert run.step.use_amp is False
     assert any("no native bfloat16" in record.getMessage() for record in caplog.records)
     monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: True)
-    fast = build_training(tiny_config(tmp_path / "fast", data_root, "use_amp=true", epochs=1))
-    assert fast.step.use_amp is True
+    bf16 = build_training(tiny_config(tmp_path / "bf16", data_root, *FP16, epochs=1))
+    assert (bf16.step.use_amp, bf16.step.amp_dtype) == (True, torch.bfloat16), "fp16 falls back to bf16"
+    assert not bf16.step.scaler.is_enabled()
+    monkeypatch.setattr(precision, "_cpu_has_fast_fp16", lambda: True)
+    fp16 = build_training(tiny_config(tmp_path / "fp16", data_root, *FP16, epochs=1))
+    assert (fp16.step.use_amp, fp16.step.amp_dtype) == (True, torch.float16)
+    assert fp16.step.scaler.is_enabled()
 
 
-def test_the_scaler_block_is_built_with_its_arguments_and_runs_only_for_cuda_float16(
+def test_the_scaler_block_is_built_with_its_arguments_and_runs_only_for_float16(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # GradScaler switches itself off where CUDA is missing; building it (no tensors yet) needs no GPU.
@@ -40,7 +47,8 @@ def test_the_scaler_block_is_built_with_its_arguments_and_runs_only_for_cuda_flo
     scaler = build_grad_scaler(block, CUDA, use_amp=True, amp_dtype=torch.float16)
     assert scaler.is_enabled()
     assert (scaler._init_scale, scaler._growth_interval) == (1024.0, 10)
-    not_needed = [(CPU, True, torch.float16), (CUDA, True, torch.bfloat16), (CUDA, False, torch.float16)]
+    assert build_grad_scaler(block, CPU, use_amp=True, amp_dtype=torch.float16).is_enabled()
+    not_needed = [(CPU, True, torch.bfloat16), (CUDA, True, torch.bfloat16), (CUDA, False, torch.float16)]
     for device, use_amp, dtype in not_needed:
         assert not build_grad_scaler(block, device, use_amp, dtype).is_enabled()
     off = build_grad_scaler({"type": "GradScaler", "enabled": False}, CUDA, True, torch.float16)
