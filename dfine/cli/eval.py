@@ -56,6 +56,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from dfine.checkpoint import extract_model_state, load_checkpoint, load_weights_strict
     from dfine.config.build import build_model, build_postprocessor
     from dfine.data import build_dataloader
+    from dfine.engine.acceleration import choose_channels_last
     from dfine.evaluation.coco_evaluator import build_evaluator, score_results_file
     from dfine.evaluation.loop import evaluate
 
@@ -75,6 +76,8 @@ def _main(argv: Sequence[str] | None) -> int:
         model = build_model(cfg)
         load_weights_strict(model, weights)
         model.to(device)
+        if choose_channels_last(cfg, device):  # the layout training evaluates in, so the APs agree
+            model.use_channels_last()
         logger.info("evaluating %s weights of %s", source, args.resume)
         label_map = checkpoint.get("label_map") if isinstance(checkpoint, dict) else None
         category_ids = [int(entry["category_id"]) for entry in label_map] if label_map else None

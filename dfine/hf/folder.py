@@ -196,7 +196,7 @@ def _check_model(cfg: Mapping[str, Any], num_classes: int) -> torch.nn.Module:
     backbone = (data.get("model") or {}).get("backbone")
     if isinstance(backbone, dict):
         backbone["pretrained"] = None  # every weight comes from the folder
-    return build_model(Config(data, getattr(cfg, "sources", {}))).eval()
+    return build_model(Config(data, getattr(cfg, "sources", {}))).eval().use_channels_last()
 
 
 def checkpoint_from_hf_folder(

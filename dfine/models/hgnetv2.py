@@ -117,7 +117,8 @@ class _ScalarAffine(torch.autograd.Function):
 
     Autograd of the two-op form writes ``scale * x``, then the sum, and in backward materialises
     ``grad * x`` only to reduce it to one number; here the forward is one ``addcmul`` and the scale's
-    gradient a dot product over the memory (same values, ~1e-7 apart from the summation order).
+    gradient a dot product over the memory (values ~1e-7 apart: one rounding instead of two, another
+    summation order).
     """
 
     @staticmethod
