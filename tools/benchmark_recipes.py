@@ -79,9 +79,12 @@ def main() -> None:
     wall: dict[str, float] = {}
     if args.parallel:
         running = {recipe: launch(recipe, args.epochs, args.seed, out, args.threads) for recipe in RECIPES}
-        for recipe, (process, start) in running.items():
-            process.wait()
-            wall[recipe] = time.perf_counter() - start
+        while running:  # each run's own finish time, whichever ends first
+            for recipe, (process, start) in list(running.items()):
+                if process.poll() is not None:
+                    wall[recipe] = time.perf_counter() - start
+                    del running[recipe]
+            time.sleep(1.0)
     else:
         for recipe in RECIPES:
             process, start = launch(recipe, args.epochs, args.seed, out, args.threads)

@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--original", action="store_true", help="time the original D-FINE first (one size)")
+    parser.add_argument("--nchw", action="store_true", help="also time ours with channels_last=false")
     parser.add_argument(
         "-u", "--update", nargs="*", default=[], help="config overrides for ours, e.g. channels_last=false"
     )
@@ -169,9 +170,12 @@ def main() -> None:
                         ModelEMA(model),
                     )
                 )
-            for bf16 in (False, True) if args.bf16 else (False,):
+            variants = [(False, args.update)] + ([(True, args.update)] if args.bf16 else [])
+            if args.nchw:
+                variants.append((False, [*args.update, "channels_last=false"]))
+            for bf16, overrides in variants:
                 torch.manual_seed(0)
-                model, criterion, cfg, settings = ours(size, image_size, args.update)
+                model, criterion, cfg, settings = ours(size, image_size, overrides)
                 optimizer = build_optimizer(model, cfg["optimizer"])
                 ema = ModelEMA(model)
                 if cfg.get("compile"):
