@@ -52,7 +52,7 @@ from dfine.engine.schedules import LRSchedule
 from dfine.engine.step import TrainStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_train import make_batch, original  # a sibling script
+from benchmark_train import Runner, make_batch, original  # a sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -260,21 +260,13 @@ def original_rows(size: str, plan: Plan, batch: tuple, ours: dict[str, float]) -
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = ModelEMA(model, warmups=10)
     images, targets = _on(batch, plan.device)
-
-    def step() -> None:
-        loss = sum(criterion(model(images, targets), targets).values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
-
+    runner = Runner("original", model, criterion, optimizer, ema)  # the step benchmark_train times
     for _ in range(plan.warmup):
-        step()
+        runner.step(images, targets, record=False)
     synchronize(plan.device)
     started = time.perf_counter()
     for _ in range(plan.steps):
-        step()
+        runner.step(images, targets, record=False)
     synchronize(plan.device)
     train_ips = plan.batch_size * plan.steps / (time.perf_counter() - started)
     deployed = model.deploy() if hasattr(model, "deploy") else model.eval()

@@ -20,8 +20,6 @@ Config keys (top level):
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +27,6 @@ import torch
 from torch import nn
 
 __all__ = ["apply_speed_settings", "choose_channels_last", "compile_hot_modules"]
-
-logger = logging.getLogger(__name__)
 
 # Submodules of DFINE that compile cleanly under dynamic shapes (no data-dependent sizes inside).
 COMPILED_PARTS = ("backbone", "encoder")
@@ -48,21 +44,17 @@ def choose_channels_last(cfg: Mapping[str, Any], device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and bool(cfg.get("use_amp")))
 
 
-def compile_hot_modules(model: nn.Module) -> float:
+def compile_hot_modules(model: nn.Module) -> None:
     """Compile ``model.backbone`` and ``model.encoder`` in place with ``torch.compile`` (dynamic shapes).
 
     The modules are compiled in place, so the state dict, the optimizer and the EMA see the same tensors and
     keys. Call it after the EMA copy is made: a deep copy of a compiled module would still run the
     original's compiled code. Compilation itself happens at the first batches (one graph for all sizes, plus
-    the eval-mode graph at the first evaluation); the trainer logs the first step's time.
-
-    Returns:
-        Seconds spent here (setting up the wrappers; the real compile cost shows in the first step).
+    the eval-mode graph at the first evaluation), so the first step is slow.
 
     Raises:
         TypeError: ``model`` has neither a ``backbone`` nor an ``encoder`` to compile.
     """
-    started = time.perf_counter()
     parts = [name for name in COMPILED_PARTS if isinstance(getattr(model, name, None), nn.Module)]
     if not parts:
         raise TypeError(
@@ -73,7 +65,6 @@ def compile_hot_modules(model: nn.Module) -> float:
         # In place (nn.Module.compile), not torch.compile(module): a wrapper module would prefix every
         # state-dict key with "_orig_mod.".
         getattr(model, name).compile(dynamic=True)
-    return time.perf_counter() - started
 
 
 def apply_speed_settings(model: nn.Module, cfg: Mapping[str, Any], device: torch.device) -> list[str]:
