@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,25 @@ logger = logging.getLogger(__name__)
 
 INCLUDE_KEY = "__include__"
 OVERRIDE_SOURCE = "command line (-u)"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats such as ``1e-4`` and ``1e18``.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``): ``lr: 1e-4`` would reach the optimizer
+    as the string ``'1e-4'``. Everything else resolves as in ``yaml.safe_load``.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class Config(dict):
@@ -106,7 +126,7 @@ def _read_yaml(path: Path, included_from: str | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: config files must be YAML (.yml or .yaml).")
     try:
         with path.open() as handle:
-            data = yaml.safe_load(handle)
+            data = _load_yaml(handle)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if data is None:
@@ -159,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             "e.g. -u epochs=72 or -u model.decoder.num_layers=4"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override '{text}': the value is not valid YAML: {error}") from error
     return key.split("."), value

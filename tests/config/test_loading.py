@@ -61,6 +61,16 @@ def test_overrides_are_parsed_as_yaml_and_applied_last(layered: Path) -> None:
     assert "command line" in cfg.sources["epochs"]
 
 
+def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_path: Path) -> None:
+    # PyYAML alone reads `1e-4` as the string '1e-4', which would reach AdamW as a string.
+    path = write(tmp_path / "exp.yml", "optimizer: {lr: 1e-4, eps: -2E+3}\nname: 1e5x\ntag: v1e5\n")
+    cfg = load_config(path, ["scaler.init_scale=1e18", "epochs=12"], validate=False)
+    assert cfg["optimizer"] == {"lr": 1e-4, "eps": -2000.0}
+    assert cfg["scaler"]["init_scale"] == 1e18 and isinstance(cfg["scaler"]["init_scale"], float)
+    assert cfg["epochs"] == 12 and isinstance(cfg["epochs"], int)
+    assert cfg["name"] == "1e5x" and cfg["tag"] == "v1e5"
+
+
 def test_override_without_equals_sign_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"key\.sub=value"):
         parse_override("epochs")
