@@ -132,6 +132,30 @@ def pack_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
     return pack(outputs)
 
 
+def unpack_outputs(packed: Mapping[str, Any], keep_denoising: bool = True) -> dict[str, Any]:
+    """The inverse of :func:`pack_outputs`: fresh leaf tensors that require grad, ``teacher_*`` re-linked to
+    the final layer's tensors (as the model hands them over); ``keep_denoising=False`` drops the ``dn_*``
+    entries."""
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.clone().requires_grad_(value.is_floating_point() and value.dim() > 1)
+        if isinstance(value, Mapping):
+            return {k: leaf(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [leaf(v) for v in value]
+        return value
+
+    outputs = leaf({k: v for k, v in packed.items() if keep_denoising or not k.startswith("dn_")})
+    for aux in outputs["aux_outputs"]:
+        aux["teacher_corners"], aux["teacher_logits"] = outputs["pred_corners"], outputs["pred_logits"]
+    layers = outputs.get("dn_outputs", [])
+    for layer in layers:
+        layer["teacher_corners"] = layers[-1]["pred_corners"]
+        layer["teacher_logits"] = layers[-1]["pred_logits"]
+    return outputs
+
+
 def without_denoising(outputs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in outputs.items() if not k.startswith("dn_")}
 

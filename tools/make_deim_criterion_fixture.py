@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# the fixture format of criterion_parity.pt (tools/ is on sys.path when this runs as a script)
+from make_criterion_fixture import unpack_outputs
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,31 +92,9 @@ def build_deim_criterion(settings: Mapping[str, Any]) -> nn.Module:
     return DEIMCriterion(matcher, **settings)
 
 
-def model_layout(packed: Mapping[str, Any], keep_denoising: bool) -> dict[str, Any]:
-    """Recorded outputs -> model layout: fresh leaf tensors, ``teacher_*`` linked to the final layer's."""
-
-    def leaf(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.clone().requires_grad_(value.is_floating_point() and value.dim() > 1)
-        if isinstance(value, Mapping):
-            return {k: leaf(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [leaf(v) for v in value]
-        return value
-
-    outputs = leaf({k: v for k, v in packed.items() if keep_denoising or not k.startswith("dn_")})
-    for aux in outputs["aux_outputs"]:
-        aux["teacher_corners"], aux["teacher_logits"] = outputs["pred_corners"], outputs["pred_logits"]
-    layers = outputs.get("dn_outputs", [])
-    for layer in layers:
-        layer["teacher_corners"] = layers[-1]["pred_corners"]
-        layer["teacher_logits"] = layers[-1]["pred_logits"]
-    return outputs
-
-
 def deim_terms(case: str, batch: Mapping[str, Any], num_classes: int) -> dict[str, Tensor]:
     criterion = build_deim_criterion(deim_settings(case, num_classes))
-    outputs = model_layout(batch["outputs"], keep_denoising=CASES[case][1])
+    outputs = unpack_outputs(batch["outputs"], keep_denoising=CASES[case][1])
     losses = criterion(outputs, batch["targets"])
     return {k: v.detach().clone() for k, v in losses.items()}
 

@@ -29,35 +29,20 @@ def make_criterion(num_classes: int, reg_max: int = 32, **kwargs: Any) -> DFINEC
     return DFINECriterion(matcher, num_classes=num_classes, reg_max=reg_max, **settings)
 
 
+def fixture_tools() -> Any:
+    """tools/make_criterion_fixture.py: the fixture's format (``unpack_outputs``) and the live original's
+    helpers (those need ``DFINE_ORIG_DIR``)."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    import make_criterion_fixture
+
+    return make_criterion_fixture
+
+
 def criterion_from_settings(settings: Mapping[str, Any]) -> DFINECriterion:
     settings = dict(settings)
     matcher = HungarianMatcher(**settings.pop("matcher"))
     return DFINECriterion(matcher, **settings)
-
-
-def unpack_outputs(packed: Mapping[str, Any], keep_denoising: bool = True) -> dict[str, Any]:
-    """Fixture outputs -> model layout: leaf tensors that require grad, ``teacher_*`` re-linked to the final
-    layer's tensors (as the model hands them over)."""
-
-    def leaf(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.clone().requires_grad_(value.is_floating_point() and value.dim() > 1)
-        if isinstance(value, Mapping):
-            return {k: leaf(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [leaf(v) for v in value]
-        return value
-
-    outputs = leaf({k: v for k, v in packed.items() if keep_denoising or not k.startswith("dn_")})
-    for aux in outputs["aux_outputs"]:
-        aux["teacher_corners"], aux["teacher_logits"] = outputs["pred_corners"], outputs["pred_logits"]
-    layers = outputs.get("dn_outputs", [])
-    for layer in layers:
-        layer["teacher_corners"], layer["teacher_logits"] = (
-            layers[-1]["pred_corners"],
-            layers[-1]["pred_logits"],
-        )
-    return outputs
 
 
 def assert_terms_equal(ours: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> None:
@@ -80,7 +65,7 @@ def test_loss_terms_equal_the_recorded_original_terms(
     recorded: dict[str, Any], case: str, batch: str, keep_denoising: bool
 ) -> None:
     criterion = criterion_from_settings(recorded["settings"])
-    outputs = unpack_outputs(recorded["batches"][batch]["outputs"], keep_denoising)
+    outputs = fixture_tools().unpack_outputs(recorded["batches"][batch]["outputs"], keep_denoising)
     losses = criterion(outputs, recorded["batches"][batch]["targets"])
     assert_terms_equal(losses, recorded["losses"][case])
     assert len(losses) == {"regular": 20, "denoising": 38, "no_boxes": 38}[case]
@@ -104,7 +89,8 @@ def test_per_term_formulas_equal_the_huggingface_port_given_our_matches(recorded
     hf = DFineLoss(transformers.DFineConfig(num_labels=settings["num_classes"]))
     criterion = criterion_from_settings(settings)
     batch = recorded["batches"]["boxes"]
-    outputs, targets = unpack_outputs(batch["outputs"], keep_denoising=False), batch["targets"]
+    outputs = fixture_tools().unpack_outputs(batch["outputs"], keep_denoising=False)
+    targets = batch["targets"]
     sizes = [len(t["labels"]) for t in targets]
     losses = criterion(outputs, targets)
     matching = criterion.match(outputs, targets)
@@ -395,13 +381,6 @@ def test_ranks_share_keys_and_normalisers_when_one_rank_has_no_boxes(tmp_path: P
 
 
 # ------------------------------------------------------------------------------------ live original
-def original_tools() -> Any:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import make_criterion_fixture
-
-    return make_criterion_fixture
-
-
 @pytest.mark.original
 @pytest.mark.slow
 @pytest.mark.parametrize(("num_denoising", "weights"), [(0, "noise"), (100, "noise"), (100, "realistic")])
@@ -410,7 +389,7 @@ def test_every_term_and_gradient_equals_the_original_on_the_n_model(
 ) -> None:
     from dfine.models.realistic_weights import realistic_state_dict
 
-    tools = original_tools()
+    tools = fixture_tools()
     model, theirs = tools.build_original(original, num_denoising=num_denoising)
     if weights == "noise":
         tools.perturb_weights(model, image_size=320)

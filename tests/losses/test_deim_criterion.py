@@ -59,7 +59,7 @@ def batch() -> dict[str, Any]:
 def test_terms_equal_the_recorded_deim_terms(
     recorded: dict[str, Any], batch: dict[str, Any], case: str
 ) -> None:
-    outputs = tools().model_layout(batch["outputs"], recorded["keep_denoising"][case])
+    outputs = tools().unpack_outputs(batch["outputs"], recorded["keep_denoising"][case])
     losses = ours(recorded["settings"][case])(outputs, batch["targets"])
     assert_deim_terms(losses, recorded["losses"][case])
     assert "loss_mal" in losses and "loss_vfl" not in losses
@@ -110,5 +110,5 @@ def test_terms_equal_deims_own_criterion_live(deim: Path, batch: dict[str, Any],
     helpers = tools()
     num_classes = 8
     theirs = helpers.deim_terms(case, batch, num_classes)
-    outputs = helpers.model_layout(batch["outputs"], helpers.CASES[case][1])
+    outputs = helpers.unpack_outputs(batch["outputs"], helpers.CASES[case][1])
     assert_deim_terms(ours(helpers.deim_settings(case, num_classes))(outputs, batch["targets"]), theirs)
