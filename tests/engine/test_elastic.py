@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_drill import free_port, worker_pid
 from trainer_helpers import CONFIG, tiny_overrides
 
 from dfine.data.synthetic import ensure_quickstart
 
 pytestmark = pytest.mark.dist
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _overrides(tmp_path: Path, epochs: int, train_images: int) -> list[str]:
@@ -98,16 +92,9 @@ def _worker_pid(agent: int, rank: int, timeout: float = 30) -> int:
     """The pid of the process under ``agent`` whose RANK is ``rank`` (torchrun starts workers as children)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == agent and f"RANK={rank}".encode() in environ:
-                return int(entry.name)
+        pid = worker_pid(agent, rank)
+        if pid is not None:
+            return pid
         time.sleep(0.2)
     raise AssertionError(f"no worker of rank {rank} under torchrun pid {agent}")
 
@@ -133,7 +120,7 @@ def test_restarted_worker_group_resumes_instead_of_starting_over(tmp_path: Path)
     """The README's recipe: c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, --max-restarts; no -r."""
     log, train_log = tmp_path / "torchrun.log", tmp_path / "run" / "train.log"
     overrides = _overrides(tmp_path, epochs=3, train_images=8)
-    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=job"]
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=job"]
     agent = _launch(
         ["--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", *rendezvous],
         overrides,
@@ -158,7 +145,7 @@ def test_two_nodes_on_one_host_train_evaluate_and_resume(tmp_path: Path) -> None
     for epochs, flags in ((1, ()), (2, ("-r", "auto"))):
         overrides = _overrides(tmp_path, epochs=epochs, train_images=4)
         args = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-id=nodes{epochs}"]
-        args.append(f"--rdzv-endpoint=127.0.0.1:{_free_port()}")
+        args.append(f"--rdzv-endpoint=127.0.0.1:{free_port()}")
         logs = [tmp_path / f"node{node}-{epochs}.log" for node in range(2)]
         nodes = [_launch(args, overrides, log, flags) for log in logs]
         codes = [_finish(node, log, timeout=300) for node, log in zip(nodes, logs, strict=True)]

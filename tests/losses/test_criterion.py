@@ -3,11 +3,11 @@ port, robustness (no boxes, many or degenerate boxes, AMP), DDP behaviour and on
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import make_criterion_fixture
 import pytest
 import torch
 from torch import Tensor, nn
@@ -27,16 +27,6 @@ def make_criterion(num_classes: int, reg_max: int = 32, **kwargs: Any) -> DFINEC
     settings.update(kwargs)
     matcher = HungarianMatcher(COSTS, alpha=0.25, gamma=2.0)
     return DFINECriterion(matcher, num_classes=num_classes, reg_max=reg_max, **settings)
-
-
-def fixture_tools() -> Any:
-    """tools/make_criterion_fixture.py: the fixture's format (``unpack_outputs``) and the live original's
-    helpers (those need ``DFINE_ORIG_DIR``)."""
-    if str(ROOT / "tools") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tools"))
-    import make_criterion_fixture
-
-    return make_criterion_fixture
 
 
 def criterion_from_settings(settings: Mapping[str, Any]) -> DFINECriterion:
@@ -65,7 +55,7 @@ def test_loss_terms_equal_the_recorded_original_terms(
     recorded: dict[str, Any], case: str, batch: str, keep_denoising: bool
 ) -> None:
     criterion = criterion_from_settings(recorded["settings"])
-    outputs = fixture_tools().unpack_outputs(recorded["batches"][batch]["outputs"], keep_denoising)
+    outputs = make_criterion_fixture.unpack_outputs(recorded["batches"][batch]["outputs"], keep_denoising)
     losses = criterion(outputs, recorded["batches"][batch]["targets"])
     assert_terms_equal(losses, recorded["losses"][case])
     assert len(losses) == {"regular": 20, "denoising": 38, "no_boxes": 38}[case]
@@ -89,7 +79,7 @@ def test_per_term_formulas_equal_the_huggingface_port_given_our_matches(recorded
     hf = DFineLoss(transformers.DFineConfig(num_labels=settings["num_classes"]))
     criterion = criterion_from_settings(settings)
     batch = recorded["batches"]["boxes"]
-    outputs = fixture_tools().unpack_outputs(batch["outputs"], keep_denoising=False)
+    outputs = make_criterion_fixture.unpack_outputs(batch["outputs"], keep_denoising=False)
     targets = batch["targets"]
     sizes = [len(t["labels"]) for t in targets]
     losses = criterion(outputs, targets)
@@ -389,7 +379,7 @@ def test_every_term_and_gradient_equals_the_original_on_the_n_model(
 ) -> None:
     from dfine.models.realistic_weights import realistic_state_dict
 
-    tools = fixture_tools()
+    tools = make_criterion_fixture
     model, theirs = tools.build_original(original, num_denoising=num_denoising)
     if weights == "noise":
         tools.perturb_weights(model, image_size=320)

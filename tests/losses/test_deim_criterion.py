@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import make_deim_criterion_fixture
 import pytest
 import torch
 from torch import Tensor
@@ -22,13 +22,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "deim_criterion_parity.pt"
 OUTPUTS = ROOT / "tests" / "fixtures" / "criterion_parity.pt"
 # D-FINE returns a zero DDF for the last denoising layer (its own teacher); DEIM leaves the key out
 ZERO_ONLY_OURS = {"loss_ddf_dn_2"}
-
-
-def tools() -> Any:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import make_deim_criterion_fixture
-
-    return make_deim_criterion_fixture
 
 
 def ours(settings: Mapping[str, Any]) -> DEIMCriterion:
@@ -59,7 +52,7 @@ def batch() -> dict[str, Any]:
 def test_terms_equal_the_recorded_deim_terms(
     recorded: dict[str, Any], batch: dict[str, Any], case: str
 ) -> None:
-    outputs = tools().unpack_outputs(batch["outputs"], recorded["keep_denoising"][case])
+    outputs = make_deim_criterion_fixture.unpack_outputs(batch["outputs"], recorded["keep_denoising"][case])
     losses = ours(recorded["settings"][case])(outputs, batch["targets"])
     assert_deim_terms(losses, recorded["losses"][case])
     assert "loss_mal" in losses and "loss_vfl" not in losses
@@ -107,7 +100,7 @@ def test_mal_needs_a_weight_and_unknown_losses_are_named() -> None:
 @pytest.mark.deim
 @pytest.mark.parametrize("case", ["regular", "denoising", "mal_alpha", "own_matches"])
 def test_terms_equal_deims_own_criterion_live(deim: Path, batch: dict[str, Any], case: str) -> None:
-    helpers = tools()
+    helpers = make_deim_criterion_fixture
     num_classes = 8
     theirs = helpers.deim_terms(case, batch, num_classes)
     outputs = helpers.unpack_outputs(batch["outputs"], helpers.CASES[case][1])
