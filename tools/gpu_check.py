@@ -119,7 +119,6 @@ def train_variant(size: str, precision: str, layout: str, plan: Plan, batch: tup
     criterion = dfine.build_criterion(cfg).to(plan.device)
     optimizer = build_optimizer(model, cfg["optimizer"])
     ema = ModelEMA(model, warmups=10)
-    compile_s = 0.0
     if layout == "compile":
         compile_hot_modules(model)
     use_amp = dtype is not None

@@ -152,8 +152,10 @@ class RunState:
 
 
 def _standard_layout(weights: dict[str, Any]) -> dict[str, Any]:
-    """``weights`` with channels-last tensors copied to the standard layout: the file is the same whatever
-    memory format training used, and tools that need contiguous tensors (safetensors) take it as it is."""
+    """``weights`` with channels-last tensors copied to the standard layout, so the model and EMA weights in
+    the file are the same whatever memory format training used, and tools that need contiguous tensors
+    (safetensors, the HF converter) take them as they are. The optimizer's moments keep the training layout:
+    only a resume reads them, and AdamW steps with moments in either layout."""
     return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
 
 
