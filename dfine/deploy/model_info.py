@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_gflops", "count_parameters", "flop_breakdown"]
 
@@ -56,6 +56,16 @@ def _mv_flops(matrix_shape: Sequence[int], vector_shape: Sequence[int], *, out_s
     return 2 * matrix_shape[0] * matrix_shape[1]
 
 
+def _cpu_attention_flops(
+    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any
+) -> int:
+    # The two matrix products of the fused CPU kernel that the deployed decoder's self-attention runs; the
+    # CUDA kernels have formulas in torch, this one does not.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Always counted: matrix products torch's counter does not know.
+_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 _EXTRA_FORMULAS = {
     torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
     torch.ops.aten.mv: _mv_flops,
@@ -92,7 +102,7 @@ def flop_breakdown(
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS if extra_ops else None)
+    counter = FlopCounterMode(display=False, custom_mapping={**_FORMULAS, **(_EXTRA_FORMULAS if extra_ops else {})})
     was_training = model.training
     model.eval()
     try:

@@ -51,7 +51,7 @@ class DFINE(nn.Module):
         Irreversible for this instance (training needs the unfused modules); used by export and benchmarks.
         """
         self.eval()
-        for module in self.modules():
+        for module in list(self.modules()):  # a list: conversions replace submodules
             if module is not self and hasattr(module, "convert_to_deploy"):
                 module.convert_to_deploy()
         return self.use_channels_last()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dfine.config.registry import MODELS
 from dfine.models.common import FrozenBatchNorm2d, get_activation
-from dfine.models.hgnetv2 import HGNetv2
+from dfine.models.hgnetv2 import ConvBNAct, HGNetv2, MaxOf2x2
 from dfine.models.hybrid_encoder import HybridEncoder, sincos_position_embedding
 
 VARIANTS = ["B0", "B1", "B2", "B3", "B4", "B5", "B6"]
@@ -261,6 +261,35 @@ def test_deployed_backbone_matches_the_eval_outputs():
         scale = max(float(r.abs().max()) for r in reference)
         assert_all_close(deployed(images(3, **SMALL)), reference, atol=1e-4 * scale)
     assert exact < 1e-9
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 1.3])
+def test_deployed_conv_folds_the_affine_block_for_either_sign_of_its_scale(scale: float):
+    # s * relu(y) + b becomes one clamp of the conv's output at b: from below for s >= 0, from above for s < 0
+    block = ConvBNAct(4, 6, 3, use_lab=True).eval()
+    with torch.no_grad():
+        block.bn.running_mean.normal_()
+        block.bn.running_var.uniform_(0.5, 1.5)
+        block.lab.scale.fill_(scale)
+        block.lab.bias.fill_(-0.25)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    block.double()
+    with torch.no_grad():
+        expected = block(x)
+        block.convert_to_deploy()
+        got = block(x)
+    assert isinstance(block.lab, nn.Identity) and not isinstance(block.act, nn.ReLU)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    # both sides of the clamp are met: ReLU's zeros land exactly on b, the rest elsewhere (except for s = 0)
+    assert bool((expected == -0.25).any())
+    assert bool((expected != -0.25).any()) == (scale != 0.0)
+
+
+def test_shifted_max_equals_the_max_pool_it_replaces_in_both_layouts():
+    x = torch.randn(2, 5, 8, 11)  # negative values too: the stem pools a right/bottom zero-padded map
+    expected = nn.MaxPool2d(kernel_size=2, stride=1, ceil_mode=True)(x)
+    assert torch.equal(MaxOf2x2()(x), expected)
+    assert torch.equal(MaxOf2x2()(x.contiguous(memory_format=torch.channels_last)), expected)
 
 
 @pytest.mark.parametrize("eval_spatial_size", [None, [IMAGE_HEIGHT, IMAGE_WIDTH]])
