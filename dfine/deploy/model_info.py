@@ -57,7 +57,11 @@ def _mv_flops(matrix_shape: Sequence[int], vector_shape: Sequence[int], *, out_s
 
 
 def _cpu_attention_flops(
-    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *args: Any,
+    **kwargs: Any,
 ) -> int:
     # The two matrix products of the fused CPU kernel that the deployed decoder's self-attention runs; the
     # CUDA kernels have formulas in torch, this one does not.
@@ -102,7 +106,9 @@ def flop_breakdown(
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    counter = FlopCounterMode(display=False, custom_mapping={**_FORMULAS, **(_EXTRA_FORMULAS if extra_ops else {})})
+    counter = FlopCounterMode(
+        display=False, custom_mapping={**_FORMULAS, **(_EXTRA_FORMULAS if extra_ops else {})}
+    )
     was_training = model.training
     model.eval()
     try:

@@ -188,7 +188,9 @@ class DecoderLayer(nn.Module):
         # queries the explicit softmax, its backward and the head-averaged weights were a quarter of a
         # D-FINE-N step on a CPU, and in the deployed D-FINE-N at 640 the explicit form cost ~3 of ~65 ms.
         exact = not (self.training or self.fused_attention)
-        attended, _ = self.self_attn(with_pos, with_pos, value=target, attn_mask=attn_mask, need_weights=exact)
+        attended, _ = self.self_attn(
+            with_pos, with_pos, value=target, attn_mask=attn_mask, need_weights=exact
+        )
         target = self.norm1(target + self.dropout1(attended))
         with_pos = target if query_pos is None else target + query_pos
         sampled = self.cross_attn(with_pos, reference_boxes, value_levels)

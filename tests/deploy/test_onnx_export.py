@@ -148,8 +148,8 @@ def test_discrete_sampling_exports_a_graph_without_grid_sample(static_file: Path
 
 
 def test_exported_stem_keeps_the_max_pool_that_eager_deploy_replaces(static_file: Path) -> None:
-    # Eager deploy() pools with two elementwise maxima (faster in PyTorch); in OpenVINO the Slice nodes of that
-    # form were slower than its MaxPool, so the export keeps the pool.
+    # Eager deploy() pools with two elementwise maxima (faster in PyTorch); in OpenVINO the Slice nodes of
+    # that form were slower than its MaxPool, so the export keeps the pool.
     assert "MaxPool" in graph_op_types(static_file)
 
 

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from dfine.config.registry import MODELS
+from dfine.models.backbone_deploy import MaxOf2x2
 from dfine.models.common import FrozenBatchNorm2d, get_activation
-from dfine.models.hgnetv2 import ConvBNAct, HGNetv2, MaxOf2x2
+from dfine.models.hgnetv2 import ConvBNAct, HGNetv2
 from dfine.models.hybrid_encoder import HybridEncoder, sincos_position_embedding
 
 VARIANTS = ["B0", "B1", "B2", "B3", "B4", "B5", "B6"]
