@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfine.models.common import conv_with_bias_like
+
 if TYPE_CHECKING:
     from dfine.models.hgnetv2 import ConvBNAct
 
@@ -63,23 +65,8 @@ class ConcatConv(nn.Module):
         super().__init__()
         block.convert_to_deploy()
         conv = block.conv
-        self.first, self.second = (
-            nn.Conv2d(
-                part.shape[1],
-                conv.out_channels,
-                conv.kernel_size,
-                conv.stride,
-                conv.padding,
-                bias=bias is not None,
-                device=part.device,
-                dtype=part.dtype,
-            )
-            for part, bias in ((conv.weight[:, :split], conv.bias), (conv.weight[:, split:], None))
-        )
-        with torch.no_grad():
-            self.first.weight.copy_(conv.weight[:, :split])
-            self.first.bias.copy_(conv.bias)
-            self.second.weight.copy_(conv.weight[:, split:])
+        self.first = conv_with_bias_like(conv, conv.weight[:, :split], conv.bias)
+        self.second = conv_with_bias_like(conv, conv.weight[:, split:], None)  # the sum needs one bias
         self.act = block.act  # ReLU or ClampAt, both in place
 
     def forward(self, first: Tensor, second: Tensor) -> Tensor:

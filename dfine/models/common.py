@@ -113,23 +113,27 @@ def fold_norm_into_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d | FrozenBatchNorm2
     return weight.detach(), bias.detach()
 
 
-def conv_with_bias_like(conv: nn.Conv2d, weight: Tensor, bias: Tensor) -> nn.Conv2d:
-    """A biased ``nn.Conv2d`` with ``conv``'s geometry, weight [C_out, C_in / g, k, k] and bias [C_out]."""
+def conv_with_bias_like(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with ``conv``'s geometry, weight [C_out, C_in / g, k, k] and bias [C_out] (or none).
+
+    C_in comes from ``weight``, so a slice of ``conv``'s input channels makes a conv over those channels only.
+    """
     fused = nn.Conv2d(
-        conv.in_channels,
+        weight.shape[1] * conv.groups,
         conv.out_channels,
         conv.kernel_size,
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
         groups=conv.groups,
-        bias=True,
+        bias=bias is not None,
         device=weight.device,
         dtype=weight.dtype,
     )
     with torch.no_grad():
         fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
+        if bias is not None:
+            fused.bias.copy_(bias)
     return fused
 
 
