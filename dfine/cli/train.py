@@ -135,12 +135,23 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.show_batch:
         return show_batches(cfg, args.show_batch)
 
+    from dfine.distributed import cleanup
     from dfine.engine.setup import build_training
+    from dfine.engine.signals import StopRequested
     from dfine.engine.trainer import Trainer
 
     run = build_training(cfg, resume=args.resume, tune=args.tune, exist_ok=args.exist_ok or args.test_only)
     trainer = Trainer(run)
-    metrics = trainer.evaluate() if args.test_only else trainer.fit()
+    try:
+        metrics = trainer.evaluate() if args.test_only else trainer.fit()
+    except StopRequested:
+        cleanup()  # a stop is agreed on by every rank after the same step, so all of them are here
+        raise
+    # Every rank ends together (the last evaluation is collective). Leaving the process group now, while the
+    # interpreter is whole, matters: a gloo group left to the exit can abort it (SIGABRT, "terminate called
+    # without an active exception"), and torchrun then reports a finished run as failed. Not after other
+    # errors: ranks still inside a collective would wait on this one.
+    cleanup()
     if run.context.is_main:
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps(summary, indent=2))

@@ -17,6 +17,7 @@ from trainer_helpers import CONFIG, tiny_overrides
 import dfine
 from dfine.cli import eval as eval_cli
 from dfine.cli import train as train_cli
+from dfine.engine.signals import EXIT_PREEMPTED, StopRequested
 
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
 
@@ -160,3 +161,39 @@ def test_a_bug_inside_a_constructor_leaves_dfine_train_with_its_traceback_not_a_
     frames = [entry.name for entry in error.traceback]
     assert "__init__" in frames, "the constructor's frame must be in the traceback"
     assert "error:" not in capsys.readouterr().err, "a bug must not be reported as a user mistake"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "left"),
+    [("done", 0, True), ("preempted", EXIT_PREEMPTED, True), ("crashed", None, False)],
+)
+def test_dfine_train_leaves_the_process_group_after_a_finished_or_preempted_run_only(
+    outcome: str,
+    code: int | None,
+    left: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    data_root: Path,
+    tmp_path: Path,
+) -> None:
+    # A gloo group left to the interpreter's exit can abort it, so a finished torchrun job reported failure.
+    # After another error a rank must not leave: the others may be waiting for it inside a collective.
+    from dfine.engine.trainer import Trainer
+
+    calls: list[str] = []
+    monkeypatch.setattr(dfine.distributed, "cleanup", lambda: calls.append("cleanup"))
+
+    def fit(self: Trainer) -> dict:
+        if outcome == "preempted":
+            raise StopRequested("SIGTERM", "last.pth")
+        if outcome == "crashed":
+            raise RuntimeError("a bug")
+        return {"best_ap": 0.0, "best_epoch": -1}
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    argv = ["-c", str(CONFIG), "-u", *tiny_overrides(tmp_path / "run", data_root, epochs=1)]
+    if code is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            train_cli.main(argv)
+    else:
+        assert train_cli.main(argv) == code
+    assert calls == (["cleanup"] if left else [])

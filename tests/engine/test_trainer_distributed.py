@@ -25,6 +25,7 @@ run = build_training(dfine.load_config(sys.argv[1], sys.argv[3:]))
 Trainer(run).fit()
 torch.save({"model": run.model.state_dict(), "ema": run.ema.module.state_dict()},
            f"{sys.argv[2]}/rank{run.context.rank}.pt")
+dfine.distributed.cleanup()  # as dfine-train does: a gloo group left to the exit can abort it
 """
 
 
@@ -126,6 +127,7 @@ oracle = Oracle(run.val_loader.dataset)
 metrics = evaluate(oracle, run.postprocessor, run.val_loader, run.device)
 if run.context.rank == 0:
     (open(f"{sys.argv[2]}/oracle.json", "w")).write(json.dumps(metrics))
+dfine.distributed.cleanup()  # as dfine-train does: a gloo group left to the exit can abort it
 """
 
 
