@@ -146,7 +146,8 @@ def quantize_openvino_nncf(
     NNCF's transformer preset (``ModelType.TRANSFORMER``: SmoothQuant before the attention and FFN matrices,
     mixed symmetric / asymmetric ranges), calibrated on ``feeds``, with the decoder layers left in fp32
     (:data:`NNCF_FP32_SCOPE`). On the quickstart model the default (CNN) preset ran at 0.68x of fp32 instead
-    of 0.72x at batch 1, but lost 0.0098 AP instead of 0.0026. Needs ``pip install nncf``.
+    of 0.72x at batch 1 but lost 0.0098 AP instead of 0.0026; on a second machine all presets, with or without
+    the decoder, ran at 0.67-0.69x, and this one lost 0.0011 AP. Needs ``pip install nncf``.
 
     Returns:
         ``xml_path`` (its ``.bin`` beside it).

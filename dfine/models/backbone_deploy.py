@@ -70,4 +70,6 @@ class ConcatConv(nn.Module):
         self.act = block.act  # ReLU or ClampAt, both in place
 
     def forward(self, first: Tensor, second: Tensor) -> Tensor:
-        return self.act(self.first(first) + self.second(second))
+        out = self.first(first)
+        out += self.second(second)  # in place: one fresh map fewer per call
+        return self.act(out)

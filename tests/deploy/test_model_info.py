@@ -56,6 +56,9 @@ def test_deformable_sampling_is_counted_only_with_extra_ops() -> None:
     plain = flop_breakdown(model, (256, 256))
     extra = flop_breakdown(model, (256, 256), extra_ops=True)
     assert "aten.grid_sampler_2d" not in plain and "aten.mv" not in plain
+    # the deployed self-attention runs the fused kernel, counted as its two matrix products:
+    # 3 layers x 2 products x 2 FLOPs x 8 heads x 300 x 300 queries x 16 channels
+    assert plain["aten._scaled_dot_product_flash_attention_for_cpu"] == 3 * 4 * 8 * 300 * 300 * 16
     # 3 decoder layers, 300 queries, 8 heads x 16 channels, 6 + 6 points, 8 FLOPs per sampled value
     assert extra["aten.grid_sampler_2d"] == 3 * 300 * 8 * 16 * 12 * 8
     assert {op: flops for op, flops in extra.items() if op in plain} == plain

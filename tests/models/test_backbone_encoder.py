@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dfine.config.registry import MODELS
-from dfine.models.backbone_deploy import MaxOf2x2
+from dfine.models.backbone_deploy import ConcatConv, MaxOf2x2
 from dfine.models.common import FrozenBatchNorm2d, get_activation
 from dfine.models.hgnetv2 import ConvBNAct, HGNetv2
 from dfine.models.hybrid_encoder import HybridEncoder, sincos_position_embedding
@@ -247,6 +247,8 @@ def test_deployed_backbone_matches_the_eval_outputs():
     deployed.convert_to_deploy()
     deployed.convert_to_deploy()  # a second call must be harmless
     assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in deployed.modules())
+    # equal outputs alone would also pass with the stem left as it was
+    assert isinstance(deployed.stem.pool, MaxOf2x2) and isinstance(deployed.stem.merge, ConcatConv)
     deployed64 = copy.deepcopy(backbone).double()
     deployed64.convert_to_deploy()
     with torch.no_grad():
