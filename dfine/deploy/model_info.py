@@ -9,13 +9,15 @@ L 91.6 and X 203.1 GFLOPs against the paper's 7 / 25 / 57 / 91 / 202.
 Not counted: element-wise work (activations, norms, softmax, additions) and, in the decoder, the bilinear
 sampling of the deformable attention (``grid_sample``) and the distribution integral's matrix-vector product
 (``aten.mv``). Their linear layers (sampling offsets, attention weights) are counted. ``extra_ops=True`` adds
-the sampling (4 multiply-adds per sampled value) and ``mv``; for N at 640 that is about 0.01 GFLOPs.
+the sampling (4 multiply-adds per sampled value) and ``mv``; for N at 640 that is about 0.01 GFLOPs. After
+``deploy()`` the deformable attention sums its weighted samples as a product with a row of ones, which the
+counter sees as ``bmm`` (0.003 GFLOPs for N at 640).
 
 Example::
 
     model = dfine.build_model(dfine.load_config("configs/dfine/dfine_hgnetv2_n_coco.yml"))
     count_parameters(model)             # 3782693
-    count_gflops(model.deploy())        # 7.31
+    count_gflops(model.deploy())        # 7.32
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ class OpenVinoSession:
 
     def run(self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs in the model's order (or ``output_names``' order), as numpy arrays."""
-        results = self.request.infer(dict(feed))
+        # share_inputs: the request reads the caller's arrays in place (a 640x640 batch is not copied first)
+        results = self.request.infer(dict(feed), share_inputs=True)
         by_name = {port.get_any_name(): np.array(results[port]) for port in self.compiled.outputs}
         names = output_names or [port.get_any_name() for port in self.compiled.outputs]
         return [by_name[name] for name in names]

@@ -2,7 +2,8 @@
 
 Quantisation is onnxruntime's static QDQ quantisation (no extra package): per-channel int8 weights and uint8
 activations whose ranges are calibrated (min/max) on preprocessed images, applied to ``Conv`` and ``MatMul``
-only; the deformable-attention sampling, top-k and box decoding stay float. The QDQ file runs in onnxruntime
+only; the deformable-attention sampling and its weighted sum (:data:`FLOAT_SCOPE`), top-k and box decoding
+stay float. The QDQ file runs in onnxruntime
 and in OpenVINO (which reads the QDQ pairs as its own int8 layers).
 
 Evaluation runs an exported file with post-processing over a validation loader through the ordinary
@@ -13,6 +14,7 @@ evaluation loop (:class:`SessionDetector` stands in for model + post-processor),
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ from dfine.config.registry import ConfigError
 from dfine.deploy.onnx_export import IMAGE_INPUT, SIZE_INPUT, require_onnx
 
 __all__ = [
+    "FLOAT_SCOPE",
     "MIN_CALIBRATION_IMAGES",
-    "NNCF_FP32_SCOPE",
     "SessionDetector",
     "calibration_feeds",
     "quantize_onnx_int8",
@@ -104,6 +106,7 @@ def quantize_onnx_int8(
         ``int8_path``.
     """
     _, runtime = require_onnx()
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -113,6 +116,12 @@ def quantize_onnx_int8(
     )
 
     input_names = [entry.name for entry in runtime.InferenceSession(str(fp32_path)).get_inputs()]
+    patterns = [re.compile(pattern) for pattern in FLOAT_SCOPE]
+    float_nodes = [
+        node.name
+        for node in onnx.load(str(fp32_path), load_external_data=False).graph.node
+        if any(pattern.fullmatch(node.name) for pattern in patterns)
+    ]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(feeds, input_names)
     quantize_static(
         str(fp32_path),
@@ -124,18 +133,17 @@ def quantize_onnx_int8(
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=float_nodes,
     )
     logger.info("wrote %s (int8 QDQ, calibrated on %d images)", int8_path, len(feeds))
     return Path(int8_path)
 
 
-# The decoder layers (self-attention, deformable sampling, FFN over a few hundred queries) stay fp32 under
-# NNCF. Measured on the quickstart model (OpenVINO, 2 threads, batch 1): quantised, they ran no faster
-# (3.50 vs 3.76 ms: small matrices, and the quantised sum over sampled values was slower than fp32), and
-# leaving them out took the IR from 0.77-0.78x to 0.72-0.76x of fp32 (interleaved runs) with about the same
-# AP drop (0.0026 vs 0.0028).
-# Backbone, encoder and query selection are quantised.
-NNCF_FP32_SCOPE = (r".*/decoder/decoder/.*",)
+# Nodes both quantisers leave in float: the deployed deformable attention's sum over its sampled points (a
+# MatMul with a row of ones, see MSDeformableAttention.convert_to_deploy). Its inputs are bilinear samples
+# times softmax weights; quantised, it was slower under NNCF (quickstart model, OpenVINO, 2 threads: left
+# float, 0.667x -> 0.651x of fp32 at batch 1 and 0.612x -> 0.575x at batch 8, AP 0.7636 -> 0.7638).
+FLOAT_SCOPE = (r".*/cross_attn/MatMul(_\d+)?",)
 
 
 def quantize_openvino_nncf(
@@ -144,10 +152,11 @@ def quantize_openvino_nncf(
     """Write an INT8 OpenVINO IR of ``fp32_path`` (ONNX) with NNCF's post-training quantisation.
 
     NNCF's transformer preset (``ModelType.TRANSFORMER``: SmoothQuant before the attention and FFN matrices,
-    mixed symmetric / asymmetric ranges), calibrated on ``feeds``, with the decoder layers left in fp32
-    (:data:`NNCF_FP32_SCOPE`). On the quickstart model the default (CNN) preset ran at 0.68x of fp32 instead
-    of 0.72x at batch 1 but lost 0.0098 AP instead of 0.0026; on a second machine all presets, with or without
-    the decoder, ran at 0.67-0.69x, and this one lost 0.0011 AP. Needs ``pip install nncf``.
+    mixed symmetric / asymmetric ranges), calibrated on ``feeds``; everything but :data:`FLOAT_SCOPE` is
+    quantised, the decoder's matrices included. On the quickstart model (AP 0.7636) it kept the AP (0.7638)
+    and ran at 0.65x of fp32 at batch 1 and 0.53-0.58x at batch 8; keeping the decoder layers in fp32 (the
+    previous choice) lost 0.0011 AP at 0.70x and 0.59x. Without SmoothQuant it ran ~3% faster and lost
+    0.0019 AP. Needs ``pip install nncf``.
 
     Returns:
         ``xml_path`` (its ``.bin`` beside it).
@@ -162,18 +171,18 @@ def quantize_openvino_nncf(
     model = ov.convert_model(str(fp32_path))
     names = [port.get_any_name() for port in model.inputs]
     dataset = nncf.Dataset(list(feeds), lambda feed: {name: feed[name] for name in names})
-    # NNCF refuses a pattern that matches no node, so a renamed decoder fails here instead of being quantised
-    fp32_scope = nncf.IgnoredScope(patterns=list(NNCF_FP32_SCOPE))
+    # NNCF refuses a pattern that matches no node, so a renamed node fails here instead of being quantised
+    float_scope = nncf.IgnoredScope(patterns=list(FLOAT_SCOPE))
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # else one INFO line per unquantised decoder node reaches the user
+    nncf_logger.setLevel(logging.WARNING)  # else one INFO line per unquantised node reaches the user
     try:
         quantized = nncf.quantize(
             model,
             dataset,
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(feeds),
-            ignored_scope=fp32_scope,
+            ignored_scope=float_scope,
         )
     finally:
         nncf_logger.setLevel(level)

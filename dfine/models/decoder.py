@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dfine.config.registry import MODELS, ConfigError
 from dfine.models.common import conv_with_bias_like, fold_norm_into_conv
 from dfine.models.decoder_layers import MLP, DecoderHeads, DecoderLayer, FDRDecoder
-from dfine.models.deformable_attention import SAMPLING_METHODS
+from dfine.models.deformable_attention import SAMPLING_METHODS, value_levels_from_maps
 from dfine.models.denoising import build_denoising_queries
 from dfine.models.encoder_queries import QUERY_SELECT_METHODS, make_anchors, select_top_queries
 
@@ -275,8 +275,14 @@ class DFINETransformer(nn.Module):
         return cached
 
     # -------------------------------------------------------------------------------------------- forward
-    def _flatten_features(self, feats: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Project the levels to D channels and flatten them: ([B, S, D], [(H_l, W_l), ...])."""
+    def _flatten_features(
+        self, feats: Sequence[Tensor]
+    ) -> tuple[Tensor, list[tuple[int, int]], list[Tensor]]:
+        """Project the levels to D channels and flatten them.
+
+        Returns:
+            ``(memory [B, S, D], [(H_l, W_l), ...], the projected maps [B, D, H_l, W_l])``.
+        """
         if len(feats) != self._num_inputs:
             raise ValueError(f"expected {self._num_inputs} feature maps (feat_channels), got {len(feats)}")
         levels = [self.input_proj[index](feat) for index, feat in enumerate(feats)]
@@ -285,7 +291,7 @@ class DFINETransformer(nn.Module):
             levels.append(self.input_proj[index](source))
         spatial_shapes = [(level.shape[2], level.shape[3]) for level in levels]
         memory = torch.cat([level.flatten(2).transpose(1, 2) for level in levels], dim=1)  # [B, S, D]
-        return memory, spatial_shapes
+        return memory, spatial_shapes, levels
 
     def _encoder_queries(
         self, memory: Tensor, spatial_shapes: list[tuple[int, int]]
@@ -340,7 +346,7 @@ class DFINETransformer(nn.Module):
             raise RuntimeError(
                 "DFINETransformer was converted with convert_to_deploy() and can only run in eval"
             )
-        memory, spatial_shapes = self._flatten_features(feats)
+        memory, spatial_shapes, maps = self._flatten_features(feats)
         if self.training and self.num_denoising > 0:
             denoising = build_denoising_queries(
                 targets,
@@ -359,7 +365,15 @@ class DFINETransformer(nn.Module):
             ref_unact = torch.cat((denoising.boxes_unact, ref_unact), dim=1)
         heads = DecoderHeads(self.dec_bbox_head, self.dec_score_head, self.query_pos_head, self.pre_bbox_head)
         attn_mask = None if denoising is None else denoising.attn_mask
-        decoded = self.decoder(content, ref_unact, memory, spatial_shapes, heads, attn_mask=attn_mask)
+        decoded = self.decoder(
+            content,
+            ref_unact,
+            memory,
+            spatial_shapes,
+            heads,
+            attn_mask=attn_mask,
+            value_levels=value_levels_from_maps(maps, self.nhead),
+        )
         if not self.training:
             return {"pred_logits": decoded.logits[-1], "pred_boxes": decoded.boxes[-1]}
         dn_meta = None if denoising is None else denoising.dn_meta

@@ -159,8 +159,12 @@ class DecoderLayer(nn.Module):
         self.fused_attention = False  # see convert_to_deploy
 
     def convert_to_deploy(self) -> None:
-        """Run the self-attention with the fused kernel in eval too (outputs move by ~1e-6)."""
+        """Run the self-attention with the fused kernel in eval too and deploy the cross-attention.
+
+        Outputs move by ~1e-6 (see :meth:`.MSDeformableAttention.convert_to_deploy`).
+        """
         self.fused_attention = True
+        self.cross_attn.convert_to_deploy()
 
     def forward(
         self,
@@ -297,6 +301,7 @@ class FDRDecoder(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
         heads: DecoderHeads,
         attn_mask: Tensor | None = None,
+        value_levels: Sequence[Tensor] | None = None,
     ) -> DecoderOutputs:
         """Run the layers.
 
@@ -307,12 +312,15 @@ class FDRDecoder(nn.Module):
             spatial_shapes: (H_l, W_l) per level.
             heads: prediction heads.
             attn_mask: [Q, Q] bool self-attention mask (denoising) or None.
+            value_levels: ``memory`` as per-head maps, [B * num_head, D / num_head, H_l, W_l] per level (see
+                :func:`.deformable_attention.value_levels_from_maps`); split from ``memory`` when None.
 
         Returns:
             :class:`DecoderOutputs`.
         """
         project = self.project if self.deployed else weighting_function(self.reg_max, self.up, self.reg_scale)
-        value_levels = split_value_levels(memory, spatial_shapes, self.num_head)
+        if value_levels is None:
+            value_levels = split_value_levels(memory, spatial_shapes, self.num_head)
         output, output_detach, previous_corners = target, 0, 0
         ref_boxes = torch.sigmoid(ref_points_unact.float())  # [B, Q, 4] detached reference of each layer
         boxes, logits, corners_list, refs = [], [], [], []

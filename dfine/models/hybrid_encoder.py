@@ -73,13 +73,24 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.activation = get_activation(activation)
+        self.fused_attention = False  # see convert_to_deploy
+
+    def convert_to_deploy(self) -> None:
+        """Run the attention with the fused kernel (outputs move by ~1e-6).
+
+        In PyTorch it saves the explicit softmax; in an INT8 OpenVINO graph the explicit form's transposed
+        keys, quantised, went through a slow int8 transpose (0.21 of the quickstart model's ~8 ms).
+        """
+        self.fused_attention = True
 
     def forward(self, tokens: Tensor, pos_embed: Tensor | None = None) -> Tensor:
         """[B, N, C] tokens (and [1 or B, N, C] position embedding) -> [B, N, C]."""
         query = tokens if pos_embed is None else tokens + pos_embed
         # need_weights=True takes the explicit-softmax path, bit-identical to the original; the fused kernel
-        # differs by ~1e-6, enough to reorder near-tied scores in the decoder's top-k query selection.
-        attended = self.self_attn(query, query, value=tokens, need_weights=True)[0]
+        # differs by ~1e-6, enough to reorder near-tied scores in the decoder's top-k query selection, so
+        # only the deployed model takes it.
+        exact = not self.fused_attention
+        attended = self.self_attn(query, query, value=tokens, need_weights=exact)[0]
         tokens = self.norm1(tokens + self.dropout1(attended))
         hidden = self.linear2(self.dropout(self.activation(self.linear1(tokens))))
         return self.norm2(tokens + self.dropout2(hidden))
@@ -268,7 +279,7 @@ class HybridEncoder(nn.Module):
         return outputs
 
     def convert_to_deploy(self) -> None:
-        """Merge RepVGG branches and fold every BatchNorm into its conv (eval-mode statistics)."""
+        """Merge RepVGG branches, fold every BatchNorm into its conv, fuse the attention kernel."""
         for module in list(self.modules()):
             if module is not self and hasattr(module, "convert_to_deploy"):
                 module.convert_to_deploy()

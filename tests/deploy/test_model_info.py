@@ -56,9 +56,13 @@ def test_deformable_sampling_is_counted_only_with_extra_ops() -> None:
     plain = flop_breakdown(model, (256, 256))
     extra = flop_breakdown(model, (256, 256), extra_ops=True)
     assert "aten.grid_sampler_2d" not in plain and "aten.mv" not in plain
-    # the deployed self-attention runs the fused kernel, counted as its two matrix products:
-    # 3 layers x 2 products x 2 FLOPs x 8 heads x 300 x 300 queries x 16 channels
-    assert plain["aten._scaled_dot_product_flash_attention_for_cpu"] == 3 * 4 * 8 * 300 * 300 * 16
+    # the deployed self-attentions run the fused kernel, counted as their two matrix products: 2 products x
+    # 2 FLOPs x 8 heads x 16 channels x (3 decoder layers x 300 x 300 queries + the encoder's 8 x 8 tokens^2)
+    fused = plain["aten._scaled_dot_product_flash_attention_for_cpu"]
+    assert fused == 4 * 8 * 16 * (3 * 300 * 300 + 64 * 64)
+    # the deployed cross-attention sums its weighted samples as a product with a row of ones:
+    # 2 FLOPs x 3 layers x 8 heads x 16 channels x 12 points x 300 queries
+    assert plain["aten.bmm"] == 2 * 3 * 8 * 16 * 12 * 300
     # 3 decoder layers, 300 queries, 8 heads x 16 channels, 6 + 6 points, 8 FLOPs per sampled value
     assert extra["aten.grid_sampler_2d"] == 3 * 300 * 8 * 16 * 12 * 8
     assert {op: flops for op, flops in extra.items() if op in plain} == plain

@@ -51,12 +51,25 @@ def _export(tmp_path: Path, *flags: str, own_process: bool = False) -> tuple[int
 
 
 def test_int8_file_is_quantised_scored_and_timed_and_the_drop_limit_is_enforced(tmp_path: Path) -> None:
-    code, printed = _export(tmp_path, "--int8", "--calib-images", "300", "--max-ap-drop", "-1")
+    flags = ("--int8", "--calib-images", "300", "--max-ap-drop", "-1", "--dynamic-batch")
+    code, printed = _export(tmp_path, *flags)
     int8 = tmp_path / "model_int8.onnx"
     assert {"QuantizeLinear", "DequantizeLinear"} <= graph_op_types(int8)
     assert "calibrated on 16 images of train_dataloader.dataset" in printed  # all it had (fewer than 300)
     assert "fp32: AP" in printed and "int8: AP" in printed and "AP drop" in printed
+    # timed at batch 1 and, the file taking any batch, at batch 8
+    assert "batch 1: INT8 latency x" in printed and "batch 8: INT8 latency x" in printed
     assert code == 1 and "more than --max-ap-drop -1" in printed  # any drop, even 0, exceeds -1
+    # the deformable attention's sums over sampled points stay float; its linear layers are quantised
+    import onnx
+
+    graph = onnx.load(str(int8)).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    inputs = {node.name: set(node.input) for node in graph.node}
+    sums = [name for name in inputs if name.endswith(("cross_attn/MatMul", "cross_attn/MatMul_1"))]
+    assert len(sums) == 2 * 2  # 2 levels in each of the tiny model's 2 decoder layers
+    assert not [name for name in sums if inputs[name] & dequantized]
+    assert [name for name in inputs if "cross_attn/grid_offsets" in name and inputs[name] & dequantized]
 
 
 def test_too_few_calibration_images_is_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -82,7 +95,7 @@ def test_nncf_method_writes_an_int8_ir_scored_in_openvino(tmp_path: Path) -> Non
     assert (tmp_path / "model_int8.xml").is_file() and (tmp_path / "model_int8.bin").is_file()
     assert "INT8 in OpenVINO" in printed and "int8: AP" in printed
     assert "Not adding activation input quantizer" not in printed  # NNCF's per-node INFO lines stay quiet
-    # the decoder layers stay fp32 (no quantiser feeds them); backbone and encoder are quantised
+    # everything is quantised but the deformable attention's sums over sampled points
     import openvino as ov
 
     model = ov.Core().read_model(str(tmp_path / "model_int8.xml"))
@@ -93,5 +106,6 @@ def test_nncf_method_writes_an_int8_ir_scored_in_openvino(tmp_path: Path) -> Non
         for out in op.outputs()
         for target in out.get_target_inputs()
     ]
-    assert not [name for name in fed if "/decoder/decoder/" in name]
+    assert not [name for name in fed if "/cross_attn/MatMul" in name]
     assert [name for name in fed if "/backbone/" in name] and [name for name in fed if "/encoder/" in name]
+    assert [name for name in fed if "/decoder/decoder/layers.0/linear1/" in name]
