@@ -12,7 +12,13 @@ from trainer_helpers import CONFIG, TINY_MODEL
 
 import dfine
 from dfine.cli import export as export_cli
-from dfine.deploy.export_check import benchmark_onnx, check_onnx_parity, repeat_to_batch
+from dfine.deploy.export_check import (
+    TIMING_BLOCK,
+    benchmark_onnx,
+    benchmark_runtimes,
+    check_onnx_parity,
+    repeat_to_batch,
+)
 from dfine.deploy.onnx_export import (
     DETECTION_OUTPUTS,
     RAW_OUTPUTS,
@@ -233,7 +239,8 @@ def test_benchmark_reports_model_and_end_to_end_latency(static_file: Path) -> No
     timings = benchmark_onnx(
         static_file, feed, preprocess=lambda: calls.append(1) or feed, warmup=1, iterations=3, num_threads=1
     )
-    assert set(timings) == {"model", "end_to_end"} and len(calls) == 4
+    # warm-up, the block's untimed first call, 3 timed calls
+    assert set(timings) == {"model", "end_to_end"} and len(calls) == 1 + 1 + 3
     assert all(stats.median_ms > 0 and stats.iterations == 3 for stats in timings.values())
 
 
@@ -334,3 +341,13 @@ def test_cli_without_a_readable_dataset_suggests_random_inputs(
     assert export_cli.main(argv) == 2
     assert "--random-inputs" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_runtimes_are_timed_in_turn_in_blocks_each_after_an_untimed_call() -> None:
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    timings = benchmark_runtimes(calls, batch_size=2, warmup=1, iterations=TIMING_BLOCK + 2)
+    assert [stats.iterations for stats in timings.values()] == [TIMING_BLOCK + 2] * 2
+    # warm-up in turn, then per block one untimed call and up to TIMING_BLOCK timed ones, a before b
+    block, rest = ["a"] * (TIMING_BLOCK + 1) + ["b"] * (TIMING_BLOCK + 1), ["a"] * 3 + ["b"] * 3
+    assert order == ["a", "b", *block, *rest]
