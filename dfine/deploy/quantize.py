@@ -3,8 +3,8 @@
 Quantisation is onnxruntime's static QDQ quantisation (no extra package): per-channel int8 weights and uint8
 activations whose ranges are calibrated (min/max) on preprocessed images, applied to ``Conv`` and ``MatMul``
 only; the deformable-attention sampling and its weighted sum (:data:`FLOAT_SCOPE`), top-k and box decoding
-stay float. The QDQ file runs in onnxruntime
-and in OpenVINO (which reads the QDQ pairs as its own int8 layers).
+stay float. The QDQ file runs in onnxruntime and in OpenVINO (which reads the QDQ pairs as its own int8
+layers).
 
 Evaluation runs an exported file with post-processing over a validation loader through the ordinary
 evaluation loop (:class:`SessionDetector` stands in for model + post-processor), so its AP is comparable with
@@ -153,10 +153,11 @@ def quantize_openvino_nncf(
 
     NNCF's transformer preset (``ModelType.TRANSFORMER``: SmoothQuant before the attention and FFN matrices,
     mixed symmetric / asymmetric ranges), calibrated on ``feeds``; everything but :data:`FLOAT_SCOPE` is
-    quantised, the decoder's matrices included. On the quickstart model (AP 0.7636) it kept the AP (0.7638)
-    and ran at 0.65x of fp32 at batch 1 and 0.53-0.58x at batch 8; keeping the decoder layers in fp32 (the
-    previous choice) lost 0.0011 AP at 0.70x and 0.59x. Without SmoothQuant it ran ~3% faster and lost
-    0.0019 AP. Needs ``pip install nncf``.
+    quantised, the decoder's matrices included. On the quickstart model (AP 0.7636) it kept the AP
+    (0.7634-0.7638) and ran at 0.58-0.61x of fp32 at batch 1 (static-batch file) and 0.53-0.58x at batch 8.
+    Keeping the decoder layers in fp32, the previous choice, lost 0.0011 AP and ran at 0.78x and 0.63x where
+    quantising them gave 0.72x and 0.58x (dynamic-batch file, same rounds). Without SmoothQuant it ran ~3%
+    faster and lost 0.0019 AP. Needs ``pip install nncf``.
 
     Returns:
         ``xml_path`` (its ``.bin`` beside it).

@@ -210,9 +210,9 @@ class MSDeformableAttention(nn.Module):
         value turns the prediction into coordinates. Each level is sampled as [B * M, D, P_l, Q] instead of
         [B * M, D, Q, P_l], so the attention weights broadcast over whole rows of queries, not rows of a
         handful of points. Runtimes spent most of the decoder's time in element-wise work over such short
-        rows: one D-FINE-N layer at batch 8 went from ~10 to ~3 ms in OpenVINO and from ~11 to ~4 ms in
-        PyTorch (2 threads). Outputs move by ~1e-6. The state-dict key changes, so a deployed state dict
-        cannot load into a trainable model.
+        rows: one D-FINE-N layer at batch 8 (micro-benchmarks, 2 threads) went from 6-10 to ~3 ms in
+        OpenVINO and from 9-11 to 4-7 ms in PyTorch. Outputs move by ~1e-6. The state-dict key changes, so a
+        deployed state dict cannot load into a trainable model.
         """
         if self.deployed:
             return
@@ -261,7 +261,7 @@ class MSDeformableAttention(nn.Module):
                 sampled = _gather_nearest(value, level_grid)  # its "queries" are points here, and back
             weighted = (sampled * level_weight).flatten(0, 1)  # [B * M * D, P_l, Q]
             # The sum over points as a product with a row of ones: OpenVINO's ReduceSum over a middle axis
-            # took twice as long as the whole multiply (a wash in PyTorch).
+            # took over twice as long as the whole multiply before it (a wash in PyTorch).
             ones = weighted.new_ones(1, weighted.shape[1])
             level_sum = torch.matmul(ones, weighted).squeeze(1)  # [B * M * D, Q]
             output = level_sum if output is None else output + level_sum

@@ -79,7 +79,7 @@ class TransformerEncoderLayer(nn.Module):
         """Run the attention with the fused kernel (outputs move by ~1e-6).
 
         In PyTorch it saves the explicit softmax; in an INT8 OpenVINO graph the explicit form's transposed
-        keys, quantised, went through a slow int8 transpose (0.21 of the quickstart model's ~8 ms).
+        keys, quantised, went through a slow int8 transpose (0.21 ms of the quickstart model's ~8 ms).
         """
         self.fused_attention = True
 
