@@ -95,3 +95,33 @@ def test_deployed_attention_follows_each_point_scale_and_axis() -> None:
     by_hand = torch.nn.functional.grid_sample(maps[1], grid, align_corners=False)[0, :, :, 0].T  # [3, 8]
     weight = torch.softmax(attention.attention_weights.bias, dim=0)[3]
     assert_close(deployed[0], by_hand * weight, rtol=0, atol=1e-4)
+
+
+def test_the_decoder_reads_its_value_maps_without_splitting_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dfine.models import decoder_layers
+    from dfine.models.decoder import DFINETransformer
+
+    torch.manual_seed(0)
+    decoder = DFINETransformer(
+        num_classes=3,
+        hidden_dim=16,
+        num_queries=5,
+        feat_channels=(16, 16),
+        feat_strides=(8, 16),
+        num_levels=2,
+        num_points=(2, 2),
+        nhead=4,
+        num_layers=1,
+        dim_feedforward=32,
+        reg_max=4,
+        eval_spatial_size=(32, 32),
+    ).eval()
+    feats = [torch.randn(1, 16, 4, 4), torch.randn(1, 16, 2, 2)]
+
+    def split_again(*args: object) -> None:
+        raise AssertionError("the value maps were split from memory again")
+
+    monkeypatch.setattr(decoder_layers, "split_value_levels", split_again)
+    with torch.no_grad():
+        outputs = decoder(feats)  # raises if the layers split memory instead of reading the maps
+    assert outputs["pred_boxes"].shape == (1, 5, 4)
