@@ -105,8 +105,7 @@ def quantize_onnx_int8(
     Returns:
         ``int8_path``.
     """
-    _, runtime = require_onnx()
-    import onnx
+    onnx, _ = require_onnx()
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -115,13 +114,12 @@ def quantize_onnx_int8(
         quantize_static,
     )
 
-    input_names = [entry.name for entry in runtime.InferenceSession(str(fp32_path)).get_inputs()]
+    # One read of the graph gives the inputs and the nodes to leave float (no session to build for them).
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    input_names = [entry.name for entry in graph.input if entry.name not in weights]
     patterns = [re.compile(pattern) for pattern in FLOAT_SCOPE]
-    float_nodes = [
-        node.name
-        for node in onnx.load(str(fp32_path), load_external_data=False).graph.node
-        if any(pattern.fullmatch(node.name) for pattern in patterns)
-    ]
+    float_nodes = [node.name for node in graph.node if any(p.fullmatch(node.name) for p in patterns)]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(feeds, input_names)
     quantize_static(
         str(fp32_path),
